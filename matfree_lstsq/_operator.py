@@ -1,0 +1,188 @@
+"""Input normalisation and the pytree vector arithmetic the solvers run on.
+
+Vectors are arbitrary pytrees of arrays (the structures of a lineax operator). The
+helpers below act leaf-wise and never ravel, so a dict-valued parameter vector stays a
+dict throughout an iteration.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import numpy as np
+from jaxtyping import Array, ArrayLike, PyTree, Shaped
+
+
+def as_operator(operator: Any, name: str = "operator") -> lx.AbstractLinearOperator:
+    """Return `operator` as a lineax operator, wrapping a 2-D array if needed."""
+    if isinstance(operator, lx.AbstractLinearOperator):
+        return operator
+    if isinstance(operator, (jax.Array, np.ndarray)) or hasattr(
+        operator, "__jax_array__"
+    ):
+        operator = jnp.asarray(operator)
+        if operator.ndim != 2:
+            raise ValueError(
+                f"`{name}` must be a lineax operator or a 2-D array; got an array of "
+                f"shape {operator.shape}."
+            )
+        return lx.MatrixLinearOperator(operator)
+    raise TypeError(
+        f"`{name}` must be a `lineax.AbstractLinearOperator` or a 2-D array; got "
+        f"{type(operator).__name__}."
+    )
+
+
+def _describe(struct: PyTree) -> str:
+    leaves, treedef = jtu.tree_flatten(struct)
+    if treedef == jtu.tree_structure(0):
+        leaf = leaves[0]
+        return f"{jnp.dtype(leaf.dtype).name}{list(leaf.shape)}"
+    return str(
+        jtu.tree_map(lambda x: f"{jnp.dtype(x.dtype).name}{list(x.shape)}", struct)
+    )
+
+
+def check_structure(
+    value: PyTree[ArrayLike], expected: PyTree[jax.ShapeDtypeStruct], what: str
+) -> PyTree[Array]:
+    """Check that `value` has exactly the structure, shapes and dtypes of `expected`.
+
+    Raises a `ValueError` naming both structures otherwise, and returns `value` with
+    its leaves converted to JAX arrays.
+    """
+    try:
+        value = jtu.tree_map(jnp.asarray, value)
+    except TypeError as e:
+        raise ValueError(f"{what} must be a pytree of arrays: {e}") from None
+    got = jax.eval_shape(lambda: value)
+    same_tree = jtu.tree_structure(got) == jtu.tree_structure(expected)
+    if same_tree:
+        same_leaves = all(
+            a.shape == b.shape and a.dtype == b.dtype
+            for a, b in zip(jtu.tree_leaves(got), jtu.tree_leaves(expected))
+        )
+    else:
+        same_leaves = False
+    if not same_leaves:
+        raise ValueError(
+            f"{what} has structure {_describe(got)}, but the operator expects "
+            f"{_describe(expected)} (tree structure, shapes and dtypes must all match)."
+        )
+    return value
+
+
+def structure_size(struct: PyTree[jax.ShapeDtypeStruct]) -> int:
+    return sum(int(np.prod(x.shape)) for x in jtu.tree_leaves(struct))
+
+
+def scalar_dtypes(*structs: PyTree) -> tuple[jnp.dtype, jnp.dtype]:
+    """The (possibly complex) working dtype of some structures and its real part."""
+    leaves = [x.dtype for s in structs for x in jtu.tree_leaves(s)]
+    dtype = jnp.result_type(*leaves) if leaves else jnp.dtype(float)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = jnp.result_type(dtype, float)
+    real = jnp.finfo(dtype).dtype
+    return jnp.dtype(dtype), jnp.dtype(real)
+
+
+def is_complex(struct: PyTree) -> bool:
+    return any(jnp.iscomplexobj(x) for x in jtu.tree_leaves(struct))
+
+
+# ---------------------------------------------------------------------------------
+# Operator application. The adjoint is derived once per solve with
+# `jax.linear_transpose`, so for a matrix `A` the product `Aᴴu` is a dot_general that
+# contracts over the rows of `A`: the transpose of `A` never materialises.
+# ---------------------------------------------------------------------------------
+
+
+def matvecs(
+    operator: lx.AbstractLinearOperator,
+) -> tuple[Callable[[PyTree], PyTree], Callable[[PyTree], PyTree]]:
+    """Return `(mv, rmv)` with `mv(x) = A x` and `rmv(u) = Aᴴ u`.
+
+    The operator is linearised first (a `JacobianLinearOperator` is linearised once
+    here, not once per iteration).
+    """
+    operator = lx.linearise(operator)
+    in_struct = operator.in_structure()
+    transpose = jax.linear_transpose(operator.mv, in_struct)
+    complex_ = is_complex(in_struct) or is_complex(operator.out_structure())
+
+    def mv(x):
+        return operator.mv(x)
+
+    if complex_:
+        # Aᴴu = conj(Aᵀ conj(u)); `linear_transpose` gives the plain transpose.
+        def rmv(u):
+            (out,) = transpose(tree_conj(u))
+            return tree_conj(out)
+    else:
+
+        def rmv(u):
+            (out,) = transpose(u)
+            return out
+
+    return mv, rmv
+
+
+# ---------------------------------------------------------------------------------
+# Leaf-wise vector arithmetic.
+# ---------------------------------------------------------------------------------
+
+
+def tree_zeros(struct: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Array]:
+    return jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), struct)
+
+
+def tree_conj(x: PyTree[Array]) -> PyTree[Array]:
+    return jtu.tree_map(jnp.conj, x)
+
+
+def tree_vdot(x: PyTree[Array], y: PyTree[Array]) -> Shaped[Array, ""]:
+    """$\\sum_i \\overline{x_i} y_i$ over all leaves."""
+    terms = [jnp.vdot(a, b) for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y))]
+    return sum(terms[1:], terms[0])
+
+
+def tree_norm(x: PyTree[Array]) -> Shaped[Array, ""]:
+    """Euclidean norm over all leaves (a real scalar)."""
+    squares = [
+        jnp.sum(jnp.real(a) ** 2 + jnp.imag(a) ** 2)
+        if jnp.iscomplexobj(a)
+        else jnp.sum(a**2)
+        for a in jtu.tree_leaves(x)
+    ]
+    return jnp.sqrt(sum(squares[1:], squares[0]))
+
+
+def tree_scale(alpha: ArrayLike, x: PyTree[Array]) -> PyTree[Array]:
+    return jtu.tree_map(lambda a: jnp.asarray(alpha).astype(a.dtype) * a, x)
+
+
+def tree_axpy(alpha: ArrayLike, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
+    """$\\alpha x + y$."""
+    return jtu.tree_map(lambda a, b: jnp.asarray(alpha).astype(a.dtype) * a + b, x, y)
+
+
+def tree_sub(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
+    return jtu.tree_map(lambda a, b: a - b, x, y)
+
+
+def tree_add(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
+    return jtu.tree_map(lambda a, b: a + b, x, y)
+
+
+def tree_where(pred: ArrayLike, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
+    return jtu.tree_map(lambda a, b: jnp.where(pred, a, b), x, y)
+
+
+def tree_all_finite(x: PyTree[Array]) -> Array:
+    leaves = jtu.tree_leaves(x)
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))

@@ -1,0 +1,231 @@
+"""What LSQR and LSMR share: hyperparameters, the lineax solver interface, the start
+of the Golub–Kahan process, and the stopping tests."""
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+from ._operator import (
+    matvecs,
+    scalar_dtypes,
+    structure_size,
+    tree_norm,
+    tree_scale,
+    tree_sub,
+    tree_where,
+    tree_zeros,
+)
+from ._solution import ISTOP_NONFINITE, istop_to_result
+
+
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _check_nonnegative(name: str, value: Any, strict: bool = False) -> None:
+    if isinstance(value, jax.core.Tracer):
+        return
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a real scalar; got {value!r}.") from None
+    if np.isnan(v) or (v <= 0 if strict else v < 0):
+        bound = "positive" if strict else "non-negative"
+        raise ValueError(f"`{name}` must be {bound}; got {value!r}.")
+
+
+class Problem(eqx.Module):
+    """A least-squares problem as the iterations see it: `min ‖A d − r0‖² + λ²‖d‖²`
+    with `x = x0 + d`."""
+
+    mv: Callable = eqx.field(static=True)
+    rmv: Callable = eqx.field(static=True)
+    b: PyTree[Array]
+    x0: PyTree[Array] | None
+    damp: Float[Array, ""]
+    in_structure: PyTree[jax.ShapeDtypeStruct] = eqx.field(static=True)
+    m: int = eqx.field(static=True)
+    n: int = eqx.field(static=True)
+
+
+class Start(eqx.Module):
+    """The first Golub–Kahan step: `β₁u₁ = b − A x0`, `α₁v₁ = Aᴴu₁`."""
+
+    u: PyTree[Array]
+    v: PyTree[Array]
+    alpha: Float[Array, ""]
+    beta: Float[Array, ""]
+    norm_b: Float[Array, ""]
+    finite: Bool[Array, ""]
+
+
+def safe_divide(x: PyTree[Array], norm: Float[Array, ""]) -> PyTree[Array]:
+    """`x / norm`, leaving `x` as it is where `norm == 0` (then `x` is zero anyway)."""
+    return tree_scale(1 / jnp.where(norm > 0, norm, 1), x)
+
+
+def start(problem: Problem, rdtype) -> Start:
+    b = problem.b
+    u = b if problem.x0 is None else tree_sub(b, problem.mv(problem.x0))
+    norm_b = tree_norm(b).astype(rdtype)
+    beta = tree_norm(u).astype(rdtype)
+    u = safe_divide(u, beta)
+    v = problem.rmv(u)
+    alpha = tree_norm(v).astype(rdtype)
+    v = safe_divide(v, alpha)
+    # SciPy: when β₁ = 0 there is no Krylov space, v = 0 and α₁ = 0.
+    v = tree_where(beta > 0, v, tree_zeros(problem.in_structure))
+    alpha = jnp.where(beta > 0, alpha, 0)
+    finite = jnp.isfinite(beta) & jnp.isfinite(alpha) & jnp.isfinite(problem.damp)
+    if problem.x0 is not None:
+        finite = finite & jnp.isfinite(tree_norm(problem.x0))
+    # With b = 0 but A x0 ≠ 0 SciPy's relative tests divide by zero; measure them
+    # relative to ‖b − A x0‖ instead (the problem is then not trivial).
+    norm_b = jnp.where(norm_b > 0, norm_b, beta)
+    return Start(u, v, alpha, beta, norm_b, finite)
+
+
+def bidiag_step(
+    problem: Problem,
+    u: PyTree[Array],
+    v: PyTree[Array],
+    alpha: Float[Array, ""],
+) -> tuple[PyTree[Array], PyTree[Array], Float[Array, ""], Float[Array, ""]]:
+    """One Golub–Kahan step: `βu ← Av − αu`, `αv ← Aᴴu − βv`.
+
+    As in SciPy, when `β = 0` the right vector and `α` are left as they were.
+    """
+    rdtype = alpha.dtype
+    u = tree_sub(problem.mv(v), tree_scale(alpha, u))
+    beta = tree_norm(u).astype(rdtype)
+    u = safe_divide(u, beta)
+    v_new = tree_sub(problem.rmv(u), tree_scale(beta, v))
+    alpha_new = tree_norm(v_new).astype(rdtype)
+    v_new = safe_divide(v_new, alpha_new)
+    v = tree_where(beta > 0, v_new, v)
+    alpha = jnp.where(beta > 0, alpha_new, alpha)
+    return u, v, alpha, beta
+
+
+def sym_ortho(
+    a: Float[Array, ""], b: Float[Array, ""]
+) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""]]:
+    """Givens rotation `(c, s, r)` with `[c s; -s c] [a; b] = [r; 0]`, `r = hypot(a, b)`.
+
+    With `r ≥ 0` this agrees with the SymOrtho convention of Paige and Saunders
+    (`c = sign(a)` when `b = 0`, `s = sign(b)` when `a = 0`, all zero when both are).
+    """
+    r = jnp.hypot(a, b)
+    safe_r = jnp.where(r > 0, r, 1)
+    return a / safe_r, b / safe_r, r
+
+
+class AbstractLeastSquaresSolver(lx.AbstractLinearSolver):
+    """Shared hyperparameters and lineax interface of [`matfree_lstsq.LSQR`][] and
+    [`matfree_lstsq.LSMR`][]."""
+
+    atol: eqx.AbstractVar[float]
+    btol: eqx.AbstractVar[float]
+    conlim: eqx.AbstractVar[float]
+    max_steps: eqx.AbstractVar[int | None]
+
+    name: ClassVar[str]
+
+    def __check_init__(self):
+        _check_nonnegative("atol", self.atol)
+        _check_nonnegative("btol", self.btol)
+        _check_nonnegative("conlim", self.conlim, strict=True)
+        if self.max_steps is not None:
+            if not isinstance(self.max_steps, (int, np.integer)) or isinstance(
+                self.max_steps, bool
+            ):
+                raise ValueError(
+                    f"`max_steps` must be a non-negative int or None; got "
+                    f"{self.max_steps!r}."
+                )
+            if self.max_steps < 0:
+                raise ValueError(
+                    f"`max_steps` must be non-negative; got {self.max_steps}."
+                )
+
+    @abc.abstractmethod
+    def default_max_steps(self, m: int, n: int) -> int:
+        """SciPy's default iteration limit for an `m × n` operator."""
+
+    def resolved_max_steps(self, m: int, n: int) -> int:
+        steps = (
+            self.default_max_steps(m, n) if self.max_steps is None else self.max_steps
+        )
+        # The step counter is an int32 (also with x64 off): clamp rather than overflow.
+        return min(int(steps), _INT32_MAX)
+
+    @abc.abstractmethod
+    def iterate(
+        self, problem: Problem, max_steps: int
+    ) -> tuple[PyTree[Array], Int[Array, ""], dict[str, Array]]:
+        """Run the iteration; return the solution, `istop` and the stats."""
+
+    # ----- the lineax interface -------------------------------------------------
+
+    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        return lx.linearise(operator)
+
+    def compute(
+        self,
+        state: lx.AbstractLinearOperator,
+        vector: PyTree[Array],
+        options: dict[str, Any],
+    ) -> tuple[PyTree[Array], lx.RESULTS, dict[str, Any]]:
+        # lineax expects the Moore–Penrose solution A⁺b: no damping, no initial guess
+        # (damping belongs in the operator, e.g. a stacked operator [A; λI]).
+        del options
+        x, istop, stats = solve(self, state, vector, damp=None, x0=None)
+        return x, istop_to_result(istop), stats
+
+    def transpose(self, state: lx.AbstractLinearOperator, options: dict[str, Any]):
+        return state.transpose(), options
+
+    def conj(self, state: lx.AbstractLinearOperator, options: dict[str, Any]):
+        return lx.conj(state), options
+
+    def assume_full_rank(self) -> bool:
+        return False
+
+
+def solve(
+    solver: AbstractLeastSquaresSolver,
+    operator: lx.AbstractLinearOperator,
+    vector: PyTree[Array],
+    *,
+    damp: Float[Array, ""] | None,
+    x0: PyTree[Array] | None,
+) -> tuple[PyTree[Array], Int[Array, ""], dict[str, Array]]:
+    """Build the problem and run `solver` on it."""
+    in_struct = operator.in_structure()
+    out_struct = operator.out_structure()
+    _, rdtype = scalar_dtypes(in_struct, out_struct)
+    mv, rmv = matvecs(operator)
+    damp = jnp.zeros((), rdtype) if damp is None else jnp.asarray(damp, rdtype)
+    m, n = structure_size(out_struct), structure_size(in_struct)
+    problem = Problem(mv, rmv, vector, x0, damp, in_struct, m, n)
+    x, istop, stats = solver.iterate(problem, solver.resolved_max_steps(m, n))
+    return x, istop, stats
+
+
+def initial_istop(s: Start, max_steps: int) -> tuple[Int[Array, ""], Bool[Array, ""]]:
+    """`istop` and `done` before the first iteration.
+
+    Stops at once when `Aᴴ(b − A x0) = 0` (then `x0` is a solution: istop 0), when an
+    input is not finite, or when `max_steps = 0` (istop 7 unless already solved).
+    """
+    trivial = s.alpha * s.beta == 0
+    istop = jnp.where(trivial | (max_steps > 0), 0, 7)
+    istop = jnp.where(s.finite, istop, ISTOP_NONFINITE).astype(jnp.int32)
+    done = trivial | (max_steps == 0) | ~s.finite
+    return istop, done
