@@ -28,7 +28,8 @@ class GolubKahan(eqx.Module):
     and subdiagonal $\beta_2, \dots, \beta_{k+1}$, the two Golub–Kahan relations are
 
     $$\beta_1 u_1 = b, \qquad A V_k = U_{k+1} B_k, \qquad
-    A^\mathsf{H} U_{k+1} = V_k B_k^\mathsf{T} + \alpha_{k+1} v_{k+1} e_{k+1}^\mathsf{T}.$$
+    A^\mathsf{H} U_{k+1} = V_k B_k^\mathsf{T}
+        + \alpha_{k+1} v_{k+1} e_{k+1}^\mathsf{T}.$$
 
     **Attributes:**
 
@@ -37,7 +38,8 @@ class GolubKahan(eqx.Module):
     - `right`: $V_{k+1}$, a pytree shaped like the operator's input with a leading
         axis of length $k + 1$.
     - `alpha`: $(\alpha_1, \dots, \alpha_{k+1})$, shape `(k + 1,)`, real.
-    - `beta`: $(\beta_1, \dots, \beta_{k+1})$, shape `(k + 1,)`, real; $\beta_1 = \|b\|$.
+    - `beta`: $(\beta_1, \dots, \beta_{k+1})$, shape `(k + 1,)`, real;
+        $\beta_1 = \|b\|$.
 
     When the process terminates early (an invariant subspace is found, or
     $k = \min(m, n)$ exhausts the space), the remaining coefficients and basis vectors
@@ -65,7 +67,7 @@ class GolubKahan(eqx.Module):
 def _orthogonalise(
     x: PyTree[Array], basis: PyTree[Array], passes: int = 2
 ) -> PyTree[Array]:
-    """Remove from `x` its components along the rows of `basis` (unfilled rows are zero).
+    """Remove from `x` its components along the rows of `basis` (unfilled rows: zero).
 
     Classical Gram–Schmidt applied twice ("twice is enough", Giraud et al. 2005).
     """
@@ -75,7 +77,8 @@ def _orthogonalise(
             for bl, xl in zip(jtu.tree_leaves(basis), jtu.tree_leaves(x))
         )
         proj = jtu.tree_map(
-            lambda bl: jnp.tensordot(coeffs.astype(bl.dtype), bl, axes=1), basis
+            lambda bl, c=coeffs: jnp.tensordot(jnp.asarray(c, bl.dtype), bl, axes=1),
+            basis,
         )
         x = tree_sub(x, proj)
     return x

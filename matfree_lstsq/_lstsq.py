@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+from jax.core import Tracer
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._lsmr import LSMR
@@ -26,7 +27,7 @@ from ._solver import AbstractLeastSquaresSolver, solve
 
 
 def _check_damp(damp: Any, rdtype) -> Array:
-    if isinstance(damp, jax.core.Tracer):
+    if isinstance(damp, Tracer):
         if jnp.shape(damp) != () or jnp.iscomplexobj(damp):
             raise ValueError(f"`damp` must be a real scalar; got {damp!r}.")
         return jnp.asarray(damp).astype(rdtype)

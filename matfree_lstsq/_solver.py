@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
+from jax.core import Tracer
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._operator import (
@@ -29,7 +30,7 @@ _INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def _check_nonnegative(name: str, value: Any, strict: bool = False) -> None:
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, Tracer):
         return
     try:
         v = float(value)
@@ -116,7 +117,7 @@ def bidiag_step(
 def sym_ortho(
     a: Float[Array, ""], b: Float[Array, ""]
 ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""]]:
-    """Givens rotation `(c, s, r)` with `[c s; -s c] [a; b] = [r; 0]`, `r = hypot(a, b)`.
+    """Givens rotation `(c, s, r)`: `[c s; -s c] [a; b] = [r; 0]`, `r = hypot(a, b)`.
 
     With `r ≥ 0` this agrees with the SymOrtho convention of Paige and Saunders
     (`c = sign(a)` when `b = 0`, `s = sign(b)` when `a = 0`, all zero when both are).
