@@ -77,6 +77,9 @@ class LSMR(AbstractLeastSquaresSolver):
         Both default to `1e-6`; about $10^{-d}$ gives $d$ correct digits.
     - `conlim`: stop when the estimated condition number of $A$ exceeds this
         (default `1e8`).
+    - `full_rank`: declare that the operator has full rank (full column rank when
+        tall, full row rank when wide). Derivatives of undamped solves then need two
+        solves instead of three; a wrong declaration gives wrong derivatives.
     - `max_steps`: iteration limit; `None` means SciPy's default $\min(m, n)$.
 
     **References:**
@@ -89,6 +92,7 @@ class LSMR(AbstractLeastSquaresSolver):
     btol: float = 1e-6
     conlim: float = 1e8
     max_steps: int | None = None
+    full_rank: bool = False
 
     name: ClassVar[str] = "LSMR"
 

@@ -59,6 +59,9 @@ class LSQR(AbstractLeastSquaresSolver):
         [`matfree_lstsq.LSMR`][] (defaults `1e-6`).
     - `conlim`: stop when the estimated condition number of $[A; \lambda I]$ exceeds
         this (default `1e8`).
+    - `full_rank`: declare that the operator has full rank (full column rank when
+        tall, full row rank when wide). Derivatives of undamped solves then need two
+        solves instead of three; a wrong declaration gives wrong derivatives.
     - `max_steps`: iteration limit; `None` means SciPy's default $2n$ for an
         $m \times n$ operator.
 
@@ -72,6 +75,7 @@ class LSQR(AbstractLeastSquaresSolver):
     btol: float = 1e-6
     conlim: float = 1e8
     max_steps: int | None = None
+    full_rank: bool = False
 
     name: ClassVar[str] = "LSQR"
 

@@ -135,6 +135,7 @@ class AbstractLeastSquaresSolver(lx.AbstractLinearSolver):
     btol: eqx.AbstractVar[float]
     conlim: eqx.AbstractVar[float]
     max_steps: eqx.AbstractVar[int | None]
+    full_rank: eqx.AbstractVar[bool]
 
     name: ClassVar[str]
 
@@ -177,6 +178,12 @@ class AbstractLeastSquaresSolver(lx.AbstractLinearSolver):
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
         return lx.linearise(operator)
 
+    def run(
+        self, operator: lx.AbstractLinearOperator, vector: PyTree[Array]
+    ) -> tuple[PyTree[Array], Int[Array, ""], dict[str, Array]]:
+        """The undamped solve from zero: the Moore–Penrose solution `A⁺b`."""
+        return solve(self, operator, vector, damp=None, x0=None)
+
     def compute(
         self,
         state: lx.AbstractLinearOperator,
@@ -186,7 +193,7 @@ class AbstractLeastSquaresSolver(lx.AbstractLinearSolver):
         # lineax expects the Moore–Penrose solution A⁺b: no damping, no initial guess
         # (damping belongs in the operator, e.g. a stacked operator [A; λI]).
         del options
-        x, istop, stats = solve(self, state, vector, damp=None, x0=None)
+        x, istop, stats = self.run(state, vector)
         return x, istop_to_result(istop), stats
 
     def transpose(self, state: lx.AbstractLinearOperator, options: dict[str, Any]):
@@ -196,7 +203,7 @@ class AbstractLeastSquaresSolver(lx.AbstractLinearSolver):
         return lx.conj(state), options
 
     def assume_full_rank(self) -> bool:
-        return False
+        return self.full_rank
 
 
 def solve(
