@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
+import numpy as np
 from jax.core import Tracer
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
@@ -47,15 +48,16 @@ def _check_damp(damp: Any, rdtype) -> Array:
         if jnp.shape(damp) != () or jnp.iscomplexobj(damp):
             raise ValueError(f"`damp` must be a real scalar; got {damp!r}.")
         return jnp.asarray(damp).astype(rdtype)
-    arr = jnp.asarray(damp)
-    if arr.shape != () or jnp.iscomplexobj(arr):
+    # A concrete value: check it with NumPy (jnp would stage it inside a trace).
+    arr = np.asarray(damp)
+    if arr.shape != () or not np.isrealobj(arr):
         raise ValueError(
             f"`damp` must be a real scalar; got an array of shape {arr.shape} and "
             f"dtype {arr.dtype}."
         )
-    if bool(arr < 0):
+    if arr < 0:
         raise ValueError(f"`damp` must be non-negative; got {damp!r}.")
-    return arr.astype(rdtype)
+    return jnp.asarray(damp, rdtype)
 
 
 # ---------------------------------------------------------------------------------
@@ -456,6 +458,6 @@ def lstsq(
     _, rdtype = scalar_dtypes(in_struct, out_struct)
     # Which derivative rule applies is static when `damp` is a concrete number.
     damped: Literal[True, False] | None
-    damped = None if isinstance(damp, Tracer) else bool(jnp.asarray(damp) > 0)
+    damped = None if isinstance(damp, Tracer) else bool(np.asarray(damp) > 0)
     damp = _check_damp(damp, rdtype)
     return _lstsq(operator, vector, solver, damp, x0, preconditioner, throw, damped)
