@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._operator import (
@@ -42,8 +43,10 @@ class GolubKahan(eqx.Module):
         $\beta_1 = \|b\|$.
 
     When the process terminates early (an invariant subspace is found, or
-    $k = \min(m, n)$ exhausts the space), the remaining coefficients and basis vectors
-    are exactly zero, and both relations still hold.
+    $k = \min(m, n)$ exhausts the space), a coefficient at the level of rounding
+    errors (below $\sqrt{\min(m, n)}\,\varepsilon$ times the largest coefficient
+    so far) is set to zero together with its basis vector; both relations still hold.
+    A coefficient just above that level may remain.
     """
 
     left: PyTree[Array]
@@ -53,6 +56,7 @@ class GolubKahan(eqx.Module):
 
     @property
     def num_steps(self) -> int:
+        """$k$, the number of steps taken."""
         return self.alpha.shape[0] - 1
 
     def bidiagonal(self) -> Float[Array, "k+1 k"]:
@@ -133,7 +137,7 @@ def bidiagonalise(
     vector = check_structure(vector, out_struct, "`vector`")
     m, n = structure_size(out_struct), structure_size(in_struct)
     if (
-        not isinstance(num_steps, int)
+        not isinstance(num_steps, (int, np.integer))
         or isinstance(num_steps, bool)
         or not 0 <= num_steps <= min(m, n)
     ):

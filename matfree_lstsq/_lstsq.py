@@ -480,7 +480,8 @@ def lstsq(
                 )
     _, rdtype = scalar_dtypes(in_struct, out_struct)
     # Which derivative rule applies is static when `damp` is a concrete number.
+    checked = _check_damp(damp, rdtype)
     damped: Literal[True, False] | None
     damped = None if isinstance(damp, Tracer) else bool(np.asarray(damp) > 0)
-    damp = _check_damp(damp, rdtype)
+    damp = checked
     return _lstsq(operator, vector, solver, damp, x0, preconditioner, throw, damped)

@@ -17,7 +17,8 @@ class Solution(eqx.Module):
     **Attributes:**
 
     - `value`: the solution $x$, a pytree with the operator's input structure.
-    - `result`: a [`lineax.RESULTS`][] item; `RESULTS.successful` unless the solver hit
+    - `result`: a [`matfree_lstsq.RESULTS`][] item (the same object as
+        `lineax.RESULTS`); `RESULTS.successful` unless the solver hit
         its step limit (`max_steps_reached`), its condition limit (`conlim`), or met a
         NaN/inf in the inputs (`nonfinite_input`).
     - `stats`: a dictionary of scalars:
