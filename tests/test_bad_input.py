@@ -194,15 +194,7 @@ def test_valid_boundary_hyperparameters(solver):
         -1.0,
         -1e-300,
         jnp.asarray(-0.5),
-        pytest.param(
-            jnp.ones(2),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="library bug: `lstsq` evaluates `bool(np.asarray(damp) > 0)` "
-                "before checking that `damp` is a scalar, so the ValueError says "
-                "'truth value of an array ... is ambiguous' without naming `damp`",
-            ),
-        ),
+        jnp.ones(2),
         1.0 + 1.0j,
     ],
     ids=["neg", "tiny-neg", "neg-array", "vector", "complex"],
