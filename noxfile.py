@@ -64,12 +64,10 @@ def examples(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run the benchmarks against SciPy, lineax and matfree (benchmarks/run.py)."""
-    script = ROOT / "benchmarks" / "run.py"
-    if not script.exists():
-        session.error(
-            f"{script.relative_to(ROOT)} does not exist yet: there are no benchmarks "
-            "to run."
-        )
+    """Run the benchmarks side by side with SciPy, lineax and matfree.
+
+    Today: the derivative-cost benchmark (`benchmarks/gradients.py`); results go to
+    `benchmarks/RESULTS.md` by hand, with the command.
+    """
     session.install(".[bench]")
-    session.run("python", str(script), *session.posargs)
+    session.run("python", "benchmarks/gradients.py", *session.posargs)
