@@ -43,16 +43,22 @@ TOL = 1e-8
 # --- each library's solve, as a function of (operator parameters, b) ------------
 
 
-def dense_solvers(damp, n, maxiter):
-    struct = jax.ShapeDtypeStruct((n,), jnp.float64)
+def _ours(make_operator, damp, maxiter):
+    """This package, rank-agnostic and with `full_rank=True`."""
 
-    def ours(full_rank):
+    def solver(full_rank):
         solver = mfl.LSMR(atol=TOL, btol=TOL, max_steps=maxiter, full_rank=full_rank)
 
-        def solve(a, b):
-            return mfl.lstsq(a, b, solver, damp=damp).value
+        def solve(theta, b):
+            return mfl.lstsq(make_operator(theta), b, solver, damp=damp).value
 
         return solve
+
+    return {"matfree_lstsq": solver(False), "matfree_lstsq (full_rank)": solver(True)}
+
+
+def dense_solvers(damp, n, maxiter):
+    struct = jax.ShapeDtypeStruct((n,), jnp.float64)
 
     def lineax_solve(a, b):
         solver = lx.LSMR(rtol=TOL, atol=0.0, max_steps=maxiter)
@@ -69,8 +75,7 @@ def dense_solvers(damp, n, maxiter):
         return x
 
     return {
-        "matfree_lstsq": ours(False),
-        "matfree_lstsq (full_rank)": ours(True),
+        **_ours(lx.MatrixLinearOperator, damp, maxiter),
         "lineax LSMR": lineax_solve,
         "matfree lsmr": matfree_solve,
     }
@@ -80,19 +85,12 @@ def mlp_solvers(inputs, maxiter):
     def fn(params, _):
         return mlp_apply(params, inputs)
 
-    def ours(full_rank):
-        solver = mfl.LSMR(atol=TOL, btol=TOL, max_steps=maxiter, full_rank=full_rank)
-
-        def solve(params, b):
-            op = lx.JacobianLinearOperator(fn, params)
-            return mfl.lstsq(op, b, solver).value
-
-        return solve
+    def jacobian(params):
+        return lx.JacobianLinearOperator(fn, params)
 
     def lineax_solve(params, b):
-        op = lx.JacobianLinearOperator(fn, params)
         solver = lx.LSMR(rtol=TOL, atol=0.0, max_steps=maxiter)
-        return lx.linear_solve(op, b, solver).value
+        return lx.linear_solve(jacobian(params), b, solver).value
 
     matfree_lsmr = matfree.lstsq.lsmr(atol=TOL, btol=TOL, maxiter=maxiter)
 
@@ -105,8 +103,7 @@ def mlp_solvers(inputs, maxiter):
         return x
 
     return {
-        "matfree_lstsq": ours(False),
-        "matfree_lstsq (full_rank)": ours(True),
+        **_ours(jacobian, 0.0, maxiter),
         "lineax LSMR": lineax_solve,
         "matfree lsmr": matfree_solve,
     }

@@ -143,12 +143,6 @@ def tree_conj(x: PyTree[Array]) -> PyTree[Array]:
     return jtu.tree_map(jnp.conj, x)
 
 
-def tree_vdot(x: PyTree[Array], y: PyTree[Array]) -> Shaped[Array, ""]:
-    """$\\sum_i \\overline{x_i} y_i$ over all leaves."""
-    terms = [jnp.vdot(a, b) for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y))]
-    return sum(terms[1:], terms[0])
-
-
 def tree_norm(x: PyTree[Array]) -> Shaped[Array, ""]:
     """Euclidean norm over all leaves (a real scalar)."""
     squares = [
@@ -179,10 +173,3 @@ def tree_add(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
 
 def tree_where(pred: ArrayLike, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
     return jtu.tree_map(lambda a, b: jnp.where(pred, a, b), x, y)
-
-
-def tree_all_finite(x: PyTree[Array]) -> Array:
-    leaves = jtu.tree_leaves(x)
-    if not leaves:
-        return jnp.array(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))

@@ -51,8 +51,6 @@ class Problem(eqx.Module):
     x0: PyTree[Array] | None
     damp: Float[Array, ""]
     in_structure: PyTree[jax.ShapeDtypeStruct] = eqx.field(static=True)
-    m: int = eqx.field(static=True)
-    n: int = eqx.field(static=True)
 
 
 class Start(eqx.Module):
@@ -221,7 +219,7 @@ def solve(
     mv, rmv = matvecs(operator)
     damp = jnp.zeros((), rdtype) if damp is None else jnp.asarray(damp, rdtype)
     m, n = structure_size(out_struct), structure_size(in_struct)
-    problem = Problem(mv, rmv, vector, x0, damp, in_struct, m, n)
+    problem = Problem(mv, rmv, vector, x0, damp, in_struct)
     x, istop, stats = solver.iterate(problem, solver.resolved_max_steps(m, n))
     return x, istop, stats
 
