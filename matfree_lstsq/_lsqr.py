@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._operator import tree_axpy, tree_norm, tree_scale, tree_zeros
+from ._operator import tree_axpy, tree_norm, tree_zeros
 from ._solution import ISTOP_NONFINITE, stopping_code
 from ._solver import (
     AbstractLeastSquaresSolver,
@@ -151,9 +151,8 @@ class LSQR(AbstractLeastSquaresSolver):
 
             # Update x and the direction w.
             x = tree_axpy(phi / rho, st.w, st.x)
-            dk = tree_scale(1 / rho, st.w)
             w = tree_axpy(-theta / rho, st.w, v)
-            ddnorm = st.ddnorm + tree_norm(dk).astype(rdtype) ** 2
+            ddnorm = st.ddnorm + (tree_norm(st.w).astype(rdtype) / rho) ** 2
 
             # ‖x − x0‖ estimate from a rotation on the right of R.
             delta = st.sn2 * rho

@@ -24,6 +24,7 @@ from ._operator import (
     check_structure,
     is_complex,
     matvecs,
+    same_structure,
     scalar_dtypes,
     structure_size,
     tree_add,
@@ -268,14 +269,10 @@ class _Rules(eqx.Module):
     def damped(self, t_operator, t_b, t_damp, t_x0):
         damp = self.damp
         in_struct = self.operator.in_structure()
-        top = _sum(
-            t_b, _neg(self.dmv(t_operator, self.x)) if t_operator is not None else None
-        )
+        top = _sum(t_b, self.minus_dmv(t_operator, self.x))
         bottom = _sum(
             tree_scale(damp, t_x0) if t_x0 is not None else None,
-            tree_scale(2 * t_damp, tree_scale(-1, self.difference()))
-            if t_damp is not None
-            else None,
+            tree_scale(-2 * t_damp, self.difference()) if t_damp is not None else None,
         )
         if top is None:
             top = tree_zeros(self.operator.out_structure())
@@ -321,14 +318,13 @@ class _Rules(eqx.Module):
         full_rank = self.solver.assume_full_rank()
         full_column_rank = full_rank and m >= n
         full_row_rank = full_rank and m <= n
-        rhs = _sum(
-            t_b, _neg(self.dmv(t_operator, self.x)) if t_operator is not None else None
-        )
+        rhs = _sum(t_b, self.minus_dmv(t_operator, self.x))
+        transposed = self.rmv_operator() if t_operator is not None else None
         q = None
         if not full_column_rank:
             q = t_x0
             if t_operator is not None:
-                y = self.solve(self.rmv_operator(), self.difference())
+                y = self.solve(transposed, self.difference())
                 q = _sum(q, self.drmv(t_operator, y))
         if t_operator is not None and not full_row_rank:
             e = self.drmv(t_operator, self.residual())
@@ -341,7 +337,7 @@ class _Rules(eqx.Module):
             term = jax.lax.cond(
                 compatible,
                 lambda e: zeros,
-                lambda e: self.solve(self.rmv_operator(), e),
+                lambda e: self.solve(transposed, e),
                 e,
             )
             rhs = _sum(rhs, term)
@@ -387,15 +383,6 @@ def _lstsq(operator, vector, solver, damp, x0, preconditioner, throw, damped):
             x, failed(istop), message_index(istop), error_messages(solver.name)
         )
     return Solution(value=x, result=result, stats=stats)
-
-
-def _same_structure(a: PyTree, b: PyTree) -> bool:
-    if jtu.tree_structure(a) != jtu.tree_structure(b):
-        return False
-    return all(
-        (x.shape, x.dtype) == (y.shape, y.dtype)
-        for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))
-    )
 
 
 def lstsq(
@@ -472,7 +459,7 @@ def lstsq(
             ("input", preconditioner.in_structure()),
             ("output", preconditioner.out_structure()),
         ):
-            if not _same_structure(got, in_struct):
+            if not same_structure(got, in_struct):
                 raise ValueError(
                     f"`preconditioner` must map the operator's input space to itself; "
                     f"its {name} structure is {got}, the operator's input structure "

@@ -46,6 +46,16 @@ def _describe(struct: PyTree) -> str:
     )
 
 
+def same_structure(a: PyTree, b: PyTree) -> bool:
+    """Same tree structure, and the same shape and dtype at every leaf."""
+    if jtu.tree_structure(a) != jtu.tree_structure(b):
+        return False
+    return all(
+        (x.shape, x.dtype) == (y.shape, y.dtype)
+        for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))
+    )
+
+
 def check_structure(
     value: PyTree[ArrayLike], expected: PyTree[jax.ShapeDtypeStruct], what: str
 ) -> PyTree[Array]:
@@ -59,15 +69,7 @@ def check_structure(
     except TypeError as e:
         raise ValueError(f"{what} must be a pytree of arrays: {e}") from None
     got = jax.eval_shape(lambda: value)
-    same_tree = jtu.tree_structure(got) == jtu.tree_structure(expected)
-    if same_tree:
-        same_leaves = all(
-            a.shape == b.shape and a.dtype == b.dtype
-            for a, b in zip(jtu.tree_leaves(got), jtu.tree_leaves(expected))
-        )
-    else:
-        same_leaves = False
-    if not same_leaves:
+    if not same_structure(got, expected):
         raise ValueError(
             f"{what} has structure {_describe(got)}, but the operator expects "
             f"{_describe(expected)} (tree structure, shapes and dtypes must all match)."
