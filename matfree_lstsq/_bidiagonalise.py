@@ -15,6 +15,7 @@ from ._operator import (
     scalar_dtypes,
     structure_size,
     tree_norm,
+    tree_orthogonalise,
     tree_scale,
     tree_sub,
     tree_where,
@@ -66,26 +67,6 @@ class GolubKahan(eqx.Module):
         sub = jnp.diag(self.beta[1:])  # (k, k): β₂..β_{k+1} on the diagonal
         zeros_row = jnp.zeros((1, k), self.alpha.dtype)
         return jnp.concatenate([diag, zeros_row]) + jnp.concatenate([zeros_row, sub])
-
-
-def _orthogonalise(
-    x: PyTree[Array], basis: PyTree[Array], passes: int = 2
-) -> PyTree[Array]:
-    """Remove from `x` its components along the rows of `basis` (unfilled rows: zero).
-
-    Classical Gram–Schmidt applied twice ("twice is enough", Giraud et al. 2005).
-    """
-    for _ in range(passes):
-        coeffs = sum(
-            jnp.tensordot(jnp.conj(bl), xl, axes=xl.ndim)
-            for bl, xl in zip(jtu.tree_leaves(basis), jtu.tree_leaves(x))
-        )
-        proj = jtu.tree_map(
-            lambda bl, c=coeffs: jnp.tensordot(jnp.asarray(c, bl.dtype), bl, axes=1),
-            basis,
-        )
-        x = tree_sub(x, proj)
-    return x
 
 
 def _normalise(
@@ -172,12 +153,12 @@ def bidiagonalise(
         tol = jnp.sqrt(jnp.asarray(min(m, n), rdtype)) * eps * scale
         u_new = tree_sub(mv(v), tree_scale(alphas[i - 1], u))
         if reorthogonalise:
-            u_new = _orthogonalise(u_new, left)
+            u_new = tree_orthogonalise(u_new, left)
         u_new, beta = _normalise(u_new, tol)
         scale = jnp.maximum(scale, beta)
         v_new = tree_sub(rmv(u_new), tree_scale(beta, v))
         if reorthogonalise:
-            v_new = _orthogonalise(v_new, right)
+            v_new = tree_orthogonalise(v_new, right)
         v_new, alpha = _normalise(v_new, tol)
         scale = jnp.maximum(scale, alpha)
         left = set_row(left, i, u_new)

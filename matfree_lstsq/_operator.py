@@ -175,3 +175,26 @@ def tree_add(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
 
 def tree_where(pred: ArrayLike, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
     return jtu.tree_map(lambda a, b: jnp.where(pred, a, b), x, y)
+
+
+def tree_orthogonalise(x: PyTree[Array], basis: PyTree[Array]) -> PyTree[Array]:
+    """Remove from `x` its components along the rows of `basis` (a pytree like `x`
+    with a leading axis; rows of zeros are allowed and have no effect).
+
+    Classical Gram–Schmidt applied twice: one pass leaves components of the size of
+    the rounding error times the condition of the basis, a second pass removes them
+    ("twice is enough"; Giraud, Langou and Rozložník, 2005).
+    """
+    for _ in range(2):
+        # c = Bᴴx over all leaves; x ← x − Bᵀc. Two matrix–vector products per pass.
+        coeffs = [
+            jnp.tensordot(jnp.conj(bl), xl, axes=xl.ndim)
+            for bl, xl in zip(jtu.tree_leaves(basis), jtu.tree_leaves(x))
+        ]
+        coeffs = sum(coeffs[1:], coeffs[0])
+        x = jtu.tree_map(
+            lambda bl, xl, c=coeffs: xl - jnp.tensordot(c.astype(bl.dtype), bl, axes=1),
+            basis,
+            x,
+        )
+    return x

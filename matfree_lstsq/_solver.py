@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
 from jax.core import Tracer
@@ -18,6 +19,7 @@ from ._operator import (
     scalar_dtypes,
     structure_size,
     tree_norm,
+    tree_orthogonalise,
     tree_scale,
     tree_sub,
     tree_where,
@@ -90,26 +92,101 @@ def start(problem: Problem, rdtype) -> Start:
     return Start(u, v, alpha, beta, norm_b, finite)
 
 
+class Bases(eqx.Module):
+    """The stored Golub–Kahan vectors that new ones are reorthogonalised against.
+
+    `left` and `right` hold the last `size` vectors $u_i$ and $v_i$ as pytrees with a
+    leading axis of length `size`, filled cyclically (unfilled rows are zero); with
+    `size` larger than the number of steps this is full reorthogonalisation.
+    """
+
+    left: PyTree[Array]
+    right: PyTree[Array]
+    count: Int[Array, ""]
+    # Running maximum of the α and β seen so far (≈ ‖A‖): a new vector whose norm
+    # after reorthogonalisation is below √min(m, n) ε times this is rounding noise.
+    scale: Float[Array, ""]
+    tol_factor: float = eqx.field(static=True)
+
+    @classmethod
+    def start(cls, s: "Start", size: int) -> "Bases":
+        """Bases holding `u₁` and `v₁`, with room for `size` vectors each."""
+
+        def rows(x):
+            return jtu.tree_map(
+                lambda xl: jnp.zeros((size, *xl.shape), xl.dtype).at[0].set(xl), x
+            )
+
+        m, n = structure_size(s.u), structure_size(s.v)
+        factor = float(np.sqrt(min(m, n)) * np.finfo(s.alpha.dtype).eps)
+        return cls(
+            left=rows(s.u),
+            right=rows(s.v),
+            count=jnp.ones((), jnp.int32),
+            scale=jnp.maximum(s.alpha, s.beta),
+            tol_factor=factor,
+        )
+
+    def push(self, u: PyTree[Array], v: PyTree[Array], alpha, beta) -> "Bases":
+        size = jtu.tree_leaves(self.left)[0].shape[0]
+        row = self.count % size
+        put = lambda basis, x: jtu.tree_map(lambda bl, xl: bl.at[row].set(xl), basis, x)
+        return Bases(
+            left=put(self.left, u),
+            right=put(self.right, v),
+            count=self.count + 1,
+            scale=jnp.maximum(self.scale, jnp.maximum(alpha, beta)),
+            tol_factor=self.tol_factor,
+        )
+
+
+def _normalise(x, rdtype, threshold=None):
+    norm = tree_norm(x).astype(rdtype)
+    if threshold is not None:
+        # Breakdown: what is left after reorthogonalisation is rounding noise.
+        norm = jnp.where(norm > threshold, norm, 0)
+    return safe_divide(x, norm), norm
+
+
 def bidiag_step(
     problem: Problem,
     u: PyTree[Array],
     v: PyTree[Array],
     alpha: Float[Array, ""],
-) -> tuple[PyTree[Array], PyTree[Array], Float[Array, ""], Float[Array, ""]]:
+    bases: Bases | None = None,
+) -> tuple[
+    PyTree[Array], PyTree[Array], Float[Array, ""], Float[Array, ""], Bases | None
+]:
     """One Golub–Kahan step: `βu ← Av − αu`, `αv ← Aᴴu − βv`.
 
-    As in SciPy, when `β = 0` the right vector and `α` are left as they were.
+    As in SciPy, when `β = 0` the right vector and `α` are left as they were. With
+    `bases`, each new vector is first reorthogonalised against the stored ones, and a
+    coefficient at the level of rounding errors counts as zero.
     """
     rdtype = alpha.dtype
+    threshold = None if bases is None else bases.tol_factor * bases.scale
     u = tree_sub(problem.mv(v), tree_scale(alpha, u))
-    beta = tree_norm(u).astype(rdtype)
-    u = safe_divide(u, beta)
+    if bases is not None:
+        u = tree_orthogonalise(u, bases.left)
+    u, beta = _normalise(u, rdtype, threshold)
     v_new = tree_sub(problem.rmv(u), tree_scale(beta, v))
-    alpha_new = tree_norm(v_new).astype(rdtype)
-    v_new = safe_divide(v_new, alpha_new)
+    if bases is not None:
+        v_new = tree_orthogonalise(v_new, bases.right)
+    v_new, alpha_new = _normalise(v_new, rdtype, threshold)
     v = tree_where(beta > 0, v_new, v)
     alpha = jnp.where(beta > 0, alpha_new, alpha)
-    return u, v, alpha, beta
+    if bases is not None:
+        # After a breakdown the vectors are not new directions: store zeros instead
+        # (a repeated row would be subtracted twice by classical Gram–Schmidt).
+        zeros_u = jtu.tree_map(jnp.zeros_like, u)
+        zeros_v = jtu.tree_map(jnp.zeros_like, v)
+        bases = bases.push(
+            tree_where(beta > 0, u, zeros_u),
+            tree_where((beta > 0) & (alpha_new > 0), v_new, zeros_v),
+            alpha,
+            beta,
+        )
+    return u, v, alpha, beta, bases
 
 
 def sym_ortho(
@@ -134,6 +211,7 @@ class AbstractLeastSquaresSolver(lx.AbstractLinearSolver):
     conlim: eqx.AbstractVar[float]
     max_steps: eqx.AbstractVar[int | None]
     full_rank: eqx.AbstractVar[bool]
+    reorthogonalise: eqx.AbstractVar[bool | int]
 
     name: ClassVar[str]
 
@@ -153,6 +231,15 @@ class AbstractLeastSquaresSolver(lx.AbstractLinearSolver):
                 raise ValueError(
                     f"`max_steps` must be non-negative; got {self.max_steps}."
                 )
+        r = self.reorthogonalise
+        if not isinstance(r, (bool, int, np.integer)) or (
+            not isinstance(r, bool) and r < 0
+        ):
+            raise ValueError(
+                "`reorthogonalise` must be a bool (False: off, True: against all "
+                "previous vectors) or a non-negative int (against that many most "
+                f"recent vectors); got {r!r}."
+            )
 
     @abc.abstractmethod
     def default_max_steps(self, m: int, n: int) -> int:
@@ -164,6 +251,17 @@ class AbstractLeastSquaresSolver(lx.AbstractLinearSolver):
         )
         # The step counter is an int32 (also with x64 off): clamp rather than overflow.
         return min(int(steps), _INT32_MAX)
+
+    def start_bases(self, s: Start, max_steps: int) -> Bases | None:
+        """Storage for reorthogonalisation, or `None` when it is off."""
+        r = self.reorthogonalise
+        if r is False or r == 0:
+            return None
+        m, n = structure_size(s.u), structure_size(s.v)
+        # The Krylov spaces have dimension at most min(m, n): a larger basis is waste.
+        full = min(max_steps, min(m, n)) + 1
+        size = full if r is True else min(int(r), full)
+        return Bases.start(s, size)
 
     @abc.abstractmethod
     def iterate(
