@@ -135,10 +135,13 @@ def _hutchinson(loss_fn, params, key, num_probes):
     trace_h2 = jnp.mean(sq)
     s = _combine(beta, trace_h_squared, trace_h2, trace_h, g_h_g, norm_hg2)
 
-    # Standard error. S is linear in the probe means except for the product t_A t_B,
-    # so S − E[S] = Σ_k y_k + (t_A − μ)(t_B − μ)/β with independent per-probe terms
-    # y_k (first order in the deviations, μ ≈ tr H): Var S = Σ_sets n·var(y) +
-    # Var(t_A) Var(t_B)/β².
+    # Standard error. S is linear in the probe means except for the product t_A t_B:
+    # S − E[S] = Σ_k y_k + (t_A − μ)(t_B − μ)/β, with independent per-probe terms
+    # y_k whose coefficient of vᵀHv in set A is E[t_B]/(β n_A) − 2gᵀHg/(β² N)
+    # (μ = tr H), so Var S = Σ_sets n·Var(y) + Var(t_A) Var(t_B)/β². Plugging t_B in
+    # for E[t_B] inflates the expected sample variance of set A's terms by
+    # Var(t_A) Var(t_B)/β² (E[t_B²] = E[t_B]² + Var(t_B)), and likewise for set B:
+    # subtracting the two surplus products leaves an unbiased variance estimate.
     def per_probe(quad_set, sq_set, t_other, n_set):
         return (
             t_other / (beta * n_set) * quad_set
@@ -151,8 +154,9 @@ def _hutchinson(loss_fn, params, key, num_probes):
     var_t_a = _sample_var(quad_a) / n_a
     var_t_b = _sample_var(quad_b) / n_b
     var_s = (
-        n_a * _sample_var(y_a) + n_b * _sample_var(y_b) + var_t_a * var_t_b / beta**2
+        n_a * _sample_var(y_a) + n_b * _sample_var(y_b) - var_t_a * var_t_b / beta**2
     )
+    var_s = jnp.maximum(var_s, 0)
     info = CurvatureInfo(
         trace_h=trace_h,
         trace_h_squared=trace_h_squared,
