@@ -66,8 +66,10 @@ def examples(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Run the benchmarks side by side with SciPy, lineax and matfree.
 
-    Today: the derivative-cost benchmark (`benchmarks/gradients.py`); results go to
-    `benchmarks/RESULTS.md` by hand, with the command.
+    `benchmarks/run.py` (forward solves: iterations, error, time per iteration,
+    compile time, many right-hand sides, the residual plot) rewrites its section of
+    `benchmarks/RESULTS.md`; `benchmarks/gradients.py` prints the derivative costs.
     """
     session.install(".[bench]")
-    session.run("python", "benchmarks/gradients.py", *session.posargs)
+    session.run("python", "benchmarks/run.py", *session.posargs)
+    session.run("python", "benchmarks/gradients.py")
