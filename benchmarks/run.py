@@ -531,7 +531,8 @@ def _fmt(v, spec):
 
 def _fmt_row(r):
     if "error" in r:
-        return f"| {r['problem']} | {r['dtype']} | {r['solver']} | crashed: {r['error']} |||||"
+        head = f"| {r['problem']} | {r['dtype']} | {r['solver']} |"
+        return f"{head} crashed: {r['error']} |||||"
     return (
         f"| {r['problem']} | {r['dtype']} | {r['solver']} | {r['iterations']} | "
         f"{r['istop']} | {r['rel_error']:.1e} | {r['us_per_it']:.0f} | "
@@ -559,7 +560,7 @@ def per_iteration_summary(rows, bounds):
         if me is None:
             continue
 
-        def ratio(name, inverse=False, key="us_per_it"):
+        def ratio(name, inverse=False, key="us_per_it", prob=prob, dt=dt, me=me):
             r = by.get((prob, dt, name))
             if r is None or r.get(key) is None:
                 return "—"
