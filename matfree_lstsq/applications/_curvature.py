@@ -45,9 +45,11 @@ class CurvatureInfo(eqx.Module):
     - `g_h_g`: $g^\mathsf{T} H g$ (always exact: one Hessian-vector product).
     - `norm_hg2`: $\|H g\|^2 = g^\mathsf{T} H^2 g$ (always exact).
     - `norm_g`: $\|g\|$.
-    - `stderr`: the standard error of $S$ (first-order propagation of the probe
-        variances, plus the exact variance of the product of the two trace
-        estimates); `0` for `method="exact"`.
+    - `stderr`: the standard error of $S$, the square root of an unbiased estimate
+        of its variance from the spread of the per-probe terms (exact for this
+        estimator: it is linear in the probe means except for the product of the
+        two trace estimates, whose variance is included); `0` for
+        `method="exact"`.
     - `trace_h_stderr`, `trace_h2_stderr`: standard errors of `trace_h` and
         `trace_h2`; `0` for `method="exact"`.
     """
