@@ -43,6 +43,7 @@ import lineax as lx
 import matplotlib
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 from sklearn.datasets import load_diabetes
 
 
@@ -184,9 +185,9 @@ def negative_log_marginal_likelihood(features, hyper, x, y):
 
 
 def gradient_check(value_and_grad, loss_dense, hyper) -> bool:
-    flat, unravel = jax.flatten_util.ravel_pytree(hyper)
-    grad = np.asarray(jax.flatten_util.ravel_pytree(value_and_grad(hyper)[1])[0])
-    grad_dense = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(loss_dense))(hyper))[0]
+    flat, unravel = ravel_pytree(hyper)
+    grad = np.asarray(ravel_pytree(value_and_grad(hyper)[1])[0])
+    grad_dense = ravel_pytree(jax.jit(jax.grad(loss_dense))(hyper))[0]
     # Fourth-order central differences: the O(h⁴) truncation error and the forward
     # solves' error (about 1e-11 relative, amplified by 1/h) are both small at h=1e-3.
     h = 1e-3
@@ -215,11 +216,12 @@ def tune(value_and_grad, hyper, num_steps):
     """Adam on the hyperparameters; `value_and_grad` is jitted once by the caller."""
     optimiser = optax.adam(LEARNING_RATE)
     state = optimiser.init(hyper)
-    apply = jax.jit(
-        lambda g, s, h: (lambda u, s: (optax.apply_updates(h, u), s))(
-            *optimiser.update(g, s, h)
-        )
-    )
+
+    @jax.jit
+    def apply(grad, state, hyper):
+        updates, state = optimiser.update(grad, state, hyper)
+        return optax.apply_updates(hyper, updates), state
+
     jax.block_until_ready(apply(value_and_grad(hyper)[1], state, hyper))  # compile
     trace = []
     start = time.perf_counter()

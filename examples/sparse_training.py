@@ -30,7 +30,9 @@ figure is written to `MFL_EXAMPLE_OUTDIR` (default `examples/figures/`).
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -153,7 +155,14 @@ def batches(num_train, epochs, seed):
     return jnp.asarray(np.stack(idx).reshape(epochs, steps, BATCH))
 
 
-def make_trainer(data, projected: bool):
+def projection_state(state) -> mfa.NullspaceProjectionState:
+    """The null-space projection's state: the last entry of the chain's state."""
+    projection = state[-1]
+    assert isinstance(projection, mfa.NullspaceProjectionState)
+    return projection
+
+
+def make_trainer(data, projected: bool) -> Callable[..., tuple[Any, ...]]:
     """A training loop compiled once per flavour (dense or projected): one jitted
     `lax.scan` per epoch, with the constraint indices as an argument, so different
     masks of the same size reuse the compiled code."""
@@ -169,7 +178,7 @@ def make_trainer(data, projected: bool):
             p = optax.apply_updates(p, updates)
             if projected:
                 viol = violation(constraints(index), p)
-                record = (value, viol, state[-1].num_steps)
+                record = (value, viol, projection_state(state).num_steps)
             else:
                 record = (value, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
             return (p, state), record

@@ -298,7 +298,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"loss_fn.*scalar.*float64\[3\]"):
         mfa.scalar_curvature(lambda t: t**2, theta)
     with pytest.raises(ValueError, match=r"loss_fn.*scalar"):
-        mfa.scalar_curvature(lambda t: (jnp.sum(t), jnp.sum(t)), theta)
+        mfa.scalar_curvature(lambda t: (jnp.sum(t), jnp.sum(t)), theta)  # type: ignore
     with pytest.raises(TypeError, match=r"loss_fn.*dtype"):
         mfa.scalar_curvature(lambda t: jnp.sum(t).astype(jnp.float32), theta)
     with pytest.raises(TypeError, match="callable"):

@@ -23,6 +23,14 @@ import matfree_lstsq as mfl
 from matfree_lstsq import applications as mfa
 
 
+def projection_state(state, index=None) -> mfa.NullspaceProjectionState:
+    """The transformation's state (`index`: its position in a chain's state)."""
+    if index is not None:
+        state = state[index]
+    assert isinstance(state, mfa.NullspaceProjectionState)
+    return state
+
+
 def linear_problem(rank: int | None = None, dtype=jnp.float64, seed: int = 0):
     """Parameters `{"w": (3, 4), "b": (5,)}` (17 numbers) and the linear constraint
     `c(θ) = A vec(θ) − d` with 6 residuals, returned as a pytree `(c[:4], c[4:])`.
@@ -57,6 +65,7 @@ def test_linear_constraint_matches_dense_pseudoinverse(rate):
     transform = mfa.nullspace_projection(constraint_fn, correction_rate=rate)
     state = transform.init(params)
     new, state = jax.jit(transform.update)(updates, state, params)
+    state = projection_state(state)
 
     theta = np.asarray(ravel_pytree(params)[0])
     u = np.asarray(ravel_pytree(updates)[0])
@@ -96,6 +105,7 @@ def test_float32():
     transform = mfa.nullspace_projection(constraint_fn, correction_rate=1.0)
     state = transform.init(params)
     new, state = transform.update(updates, state, params)
+    state = projection_state(state)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new))
     assert state.constraint_norm.dtype == jnp.float32
     theta = np.asarray(ravel_pytree(params)[0], np.float64)
@@ -121,12 +131,13 @@ def test_nonlinear_constraint_newton_convergence():
         }
 
     transform = mfa.nullspace_projection(constraint_fn)
-    state = transform.init(params)
+    state = projection_state(transform.init(params))
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     update = jax.jit(transform.update)
     norms = [float(state.constraint_norm)]
     for _ in range(7):
         u, state = update(zeros, state, params)
+        state = projection_state(state)
         params = optax.apply_updates(params, u)
         norms.append(float(state.constraint_norm))
     leaves = jax.tree_util.tree_leaves(constraint_fn(params))
@@ -182,7 +193,8 @@ def test_constrained_training_keeps_constraints():
         value, grads = jax.value_and_grad(loss)(p)
         updates, opt_state = optimiser.update(grads, opt_state, p)
         p = optax.apply_updates(p, updates)
-        return (p, opt_state), (value, violation(p), opt_state[1].constraint_norm)
+        norm = projection_state(opt_state, 1).constraint_norm
+        return (p, opt_state), (value, violation(p), norm)
 
     (params, _), (losses, violations, reported) = jax.jit(
         lambda p: jax.lax.scan(step, (p, optimiser.init(p)), length=400)
