@@ -13,6 +13,10 @@ from ._curvature import (
     CurvatureInfo as CurvatureInfo,
     scalar_curvature as scalar_curvature,
 )
+from ._diffusion import (
+    DiffusionInfo as DiffusionInfo,
+    laplace_diffusion as laplace_diffusion,
+)
 from ._jacobian import (
     ggn_sqrt_operator as ggn_sqrt_operator,
     jacobian_operator as jacobian_operator,
@@ -28,4 +32,10 @@ from ._predict import (
 from ._projection import (
     KernelProjector as KernelProjector,
     kernel_projector as kernel_projector,
+)
+from ._viking import (
+    VikingInfo as VikingInfo,
+    VikingPosterior as VikingPosterior,
+    viking_elbo as viking_elbo,
+    viking_sample as viking_sample,
 )
