@@ -30,6 +30,16 @@ from pathlib import Path
 
 
 X64 = "--x64-off" not in sys.argv
+if "--multithreaded" not in sys.argv:
+    # One thread for every library (OpenBLAS for SciPy, Eigen for XLA): on a shared
+    # two-core machine, thread pools contend with other jobs and with each other, and
+    # single-threaded times are the stable basis for per-iteration ratios.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    )
 import jax  # noqa: E402
 import jax.flatten_util  # noqa: E402
 
@@ -116,7 +126,11 @@ def sparse_case(dtype, m=20000, n=5000, density=1e-3):
 def mlp_case(dtype):
     params, inputs, b = mlp_problem(dtype=jnp.float64)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
-    jac = np.asarray(jax.jacfwd(lambda f: mlp_apply(unravel(f), inputs))(flat))
+    # Dense Jacobian for SciPy and the reference, row blocks of VJPs (jacfwd over all
+    # 18 049 parameters at once would hold 18 049 copies of the hidden activations).
+    _, vjp = jax.vjp(lambda f: mlp_apply(unravel(f), inputs), flat)
+    eye = jnp.eye(inputs.shape[0], dtype=flat.dtype)
+    jac = np.asarray(jax.lax.map(lambda e: vjp(e)[0], eye, batch_size=50))
     ref = np.linalg.pinv(jac) @ np.asarray(b)
     cast = lambda t: jax.tree_util.tree_map(lambda x: x.astype(dtype), t)
     params, inputs = cast(params), cast(inputs)
@@ -340,14 +354,12 @@ def measure(name, case, quick):
     row = dict(problem=case.name, dtype=np.dtype(case.dtype).name, solver=name)
     try:
         if args is None:  # SciPy
-            fn()  # warm-up
             out, t = _time(fn, budget=0.5 if quick else 2.0)
             row["compile_s"] = None
         else:
             t0 = time.perf_counter()
             compiled = jax.jit(fn).lower(*args).compile()
             row["compile_s"] = time.perf_counter() - t0
-            compiled(*args)  # warm-up (allocations), then time
             out, t = _time(lambda: compiled(*args), budget=0.5 if quick else 2.0)
     except Exception as e:  # noqa: BLE001 (peers crash on some dtypes: report it)
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
@@ -413,19 +425,20 @@ def bound_per_iteration(case, quick):
 
 
 def cases(dtype, quick):
+    """The problems, built one at a time (the large ones hold hundreds of MB)."""
     if quick:
-        return [dense_case(200, 50, 1e2, dtype), dense_case(200, 50, 1e4, dtype)]
-    out = []
+        yield dense_case(200, 50, 1e2, dtype)
+        yield dense_case(200, 50, 1e4, dtype)
+        return
     for cond in (1e2, 1e4, 1e6):
         for consistent in (True, False):
-            out.append(dense_case(2000, 500, cond, dtype, consistent=consistent))
+            yield dense_case(2000, 500, cond, dtype, consistent=consistent)
     # A wide matrix of full row rank has no inconsistent right-hand side.
     for cond in (1e2, 1e4, 1e6):
-        out.append(dense_case(500, 2000, cond, dtype))
-    out.append(dense_case(2000, 500, 1e4, dtype, damp=1e-2))
-    out.append(sparse_case(dtype))
-    out.append(mlp_case(dtype))
-    return out
+        yield dense_case(500, 2000, cond, dtype)
+    yield dense_case(2000, 500, 1e4, dtype, damp=1e-2)
+    yield sparse_case(dtype)
+    yield mlp_case(dtype)
 
 
 def run_table(dtypes, quick, log):
@@ -511,8 +524,11 @@ def plot_curves(title, curves, path):
 
 
 def x64_off_rows(quick):
-    cmd = [sys.executable, __file__, "--x64-off", "--json"] + (
-        ["--quick"] if quick else []
+    cmd = [sys.executable, __file__, "--x64-off", "--json"]
+    cmd += (
+        ["--multithreaded"]
+        if "--multithreaded" in sys.argv
+        else [] + (["--quick"] if quick else [])
     )
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -596,6 +612,11 @@ def main():
     )
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-float32", action="store_true")
+    parser.add_argument(
+        "--multithreaded",
+        action="store_true",
+        help="leave BLAS and XLA thread pools at their defaults",
+    )
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
     args = parser.parse_args()
 

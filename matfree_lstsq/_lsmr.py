@@ -86,22 +86,26 @@ class LSMR(AbstractLeastSquaresSolver):
     - `max_steps`: iteration limit; `None` means SciPy's default $\min(m, n)$.
 
     - `reorthogonalise`: `False` (default) runs the plain short recurrences, as
-        SciPy does. `True` orthogonalises every new Golub–Kahan vector $u_k$, $v_k$
-        against all earlier ones (classical Gram–Schmidt, twice); an int $w$ does so
+        SciPy does. `True` stores the Golub–Kahan vectors of the shorter side ($v_k$
+        when $m \ge n$, $u_k$ when $m < n$) and orthogonalises each new one against
+        all stored ones (classical Gram–Schmidt, twice; one-sided
+        reorthogonalisation as analysed by Simon and Zha); an int $w$ does so
         against the $w$ most recent ones only (a local window, as Fong and Saunders'
         `localSize`). Turn it on for ill-conditioned problems, where the plain
         recurrences lose orthogonality and stall: with full reorthogonalisation
         the iteration behaves as in exact arithmetic and ends within about
-        $\min(m, n)$ steps.
-        Costs $s(m + n)$ extra numbers of memory, $s = \min(\text{max\_steps},
-        m, n) + 1$ for `True` and $s = w$ for a window, and about $4s(m + n)$
-        extra flops per step; worthwhile when $A v$ costs more than that or when
-        the plain iteration needs many more than $\min(m, n)$ steps.
+        $\min(m, n)$ steps. Costs $s \min(m, n)$ extra numbers of memory, with
+        $s = \min(\text{max\_steps}, m, n) + 1$ for `True` and $s = w$ for a
+        window, and about $4 s \min(m, n)$ extra multiply–adds per step; see the
+        Performance page for when it pays.
 
     **References:**
 
     D. C.-L. Fong and M. A. Saunders, *LSMR: An iterative algorithm for sparse
     least-squares problems*, SIAM J. Sci. Comput. 33(5), 2011.
+
+    H. D. Simon and H. Zha, *Low-rank matrix approximation using the Lanczos
+    bidiagonalization process with applications*, SIAM J. Sci. Comput. 21(6), 2000.
     """
 
     atol: float = 1e-6

@@ -95,13 +95,15 @@ def start(problem: Problem, rdtype) -> Start:
 class Bases(eqx.Module):
     """The stored Golub–Kahan vectors that new ones are reorthogonalised against.
 
-    `left` and `right` hold the last `size` vectors $u_i$ and $v_i$ as pytrees with a
-    leading axis of length `size`, filled cyclically (unfilled rows are zero); with
-    `size` larger than the number of steps this is full reorthogonalisation.
+    Only the shorter side is kept: `right` holds the last `size` vectors `v_i` when
+    m ≥ n (`left` is `None`), `left` the last `size` vectors `u_i` when m < n.
+    Rows form a pytree with a leading axis of length `size`, filled cyclically (unfilled
+    rows are zero); with `size` larger than the number of steps this is full
+    reorthogonalisation.
     """
 
-    left: PyTree[Array]
-    right: PyTree[Array]
+    left: PyTree[Array] | None
+    right: PyTree[Array] | None
     count: Int[Array, ""]
     # Running maximum of the α and β seen so far (≈ ‖A‖): a new vector whose norm
     # after reorthogonalisation is below √min(m, n) ε times this is rounding noise.
@@ -119,18 +121,29 @@ class Bases(eqx.Module):
 
         m, n = structure_size(s.u), structure_size(s.v)
         factor = float(np.sqrt(min(m, n)) * np.finfo(s.alpha.dtype).eps)
+        # One-sided: only the basis of the shorter side is stored and used (Simon and
+        # Zha, 2000): keeping one basis orthogonal keeps the bidiagonal, and with it
+        # the iterates, as accurate as two-sided reorthogonalisation does, at
+        # min(m, n)/(m + n) of the memory and work.
         return cls(
-            left=rows(s.u),
-            right=rows(s.v),
+            left=rows(s.u) if m < n else None,
+            right=rows(s.v) if m >= n else None,
             count=jnp.ones((), jnp.int32),
             scale=jnp.maximum(s.alpha, s.beta),
             tol_factor=factor,
         )
 
-    def push(self, u: PyTree[Array], v: PyTree[Array], alpha, beta) -> "Bases":
-        size = jtu.tree_leaves(self.left)[0].shape[0]
+    def push(
+        self, u: PyTree[Array] | None, v: PyTree[Array] | None, alpha, beta
+    ) -> "Bases":
+        size = jtu.tree_leaves((self.left, self.right))[0].shape[0]
         row = self.count % size
-        put = lambda basis, x: jtu.tree_map(lambda bl, xl: bl.at[row].set(xl), basis, x)
+
+        def put(basis, x):
+            if basis is None:
+                return None
+            return jtu.tree_map(lambda bl, xl: bl.at[row].set(xl), basis, x)
+
         return Bases(
             left=put(self.left, u),
             right=put(self.right, v),
@@ -166,11 +179,11 @@ def bidiag_step(
     rdtype = alpha.dtype
     threshold = None if bases is None else bases.tol_factor * bases.scale
     u = tree_sub(problem.mv(v), tree_scale(alpha, u))
-    if bases is not None:
+    if bases is not None and bases.left is not None:
         u = tree_orthogonalise(u, bases.left)
     u, beta = _normalise(u, rdtype, threshold)
     v_new = tree_sub(problem.rmv(u), tree_scale(beta, v))
-    if bases is not None:
+    if bases is not None and bases.right is not None:
         v_new = tree_orthogonalise(v_new, bases.right)
     v_new, alpha_new = _normalise(v_new, rdtype, threshold)
     v = tree_where(beta > 0, v_new, v)
@@ -178,11 +191,12 @@ def bidiag_step(
     if bases is not None:
         # After a breakdown the vectors are not new directions: store zeros instead
         # (a repeated row would be subtracted twice by classical Gram–Schmidt).
-        zeros_u = jtu.tree_map(jnp.zeros_like, u)
-        zeros_v = jtu.tree_map(jnp.zeros_like, v)
+        def keep(ok, x):
+            return tree_where(ok, x, jtu.tree_map(jnp.zeros_like, x))
+
         bases = bases.push(
-            tree_where(beta > 0, u, zeros_u),
-            tree_where((beta > 0) & (alpha_new > 0), v_new, zeros_v),
+            None if bases.left is None else keep(beta > 0, u),
+            None if bases.right is None else keep((beta > 0) & (alpha_new > 0), v_new),
             alpha,
             beta,
         )
