@@ -161,7 +161,10 @@ def _flat(x):
 
 def ours(solver_cls, **kw):
     solver = solver_cls(
-        atol=kw.pop("tol", TOL), btol=kw.pop("btol", TOL), max_steps=MAX_STEPS, **kw
+        atol=kw.pop("tol", TOL),
+        btol=kw.pop("btol", TOL),
+        max_steps=kw.pop("max_steps", MAX_STEPS),
+        **kw,
     )
 
     def make(case):
@@ -197,8 +200,8 @@ def ours(solver_cls, **kw):
     return make
 
 
-def lineax_lsmr(operator_kind):
-    solver = lx.LSMR(rtol=TOL, atol=0.0, max_steps=MAX_STEPS)
+def lineax_lsmr(operator_kind, tol=TOL, max_steps=MAX_STEPS, conlim=1e8):
+    solver = lx.LSMR(rtol=tol, atol=0.0, max_steps=max_steps, conlim=conlim)
 
     def make(case):
         damp = case.damp
@@ -252,8 +255,8 @@ def lineax_lsmr(operator_kind):
     return make
 
 
-def matfree_lsmr():
-    solve = matfree.lstsq.lsmr(atol=TOL, btol=TOL, maxiter=MAX_STEPS)
+def matfree_lsmr(tol=TOL, max_steps=MAX_STEPS, ctol=1e-8):
+    solve = matfree.lstsq.lsmr(atol=tol, btol=tol, ctol=ctol, maxiter=max_steps)
 
     def make(case):
         damp = case.damp
@@ -377,8 +380,8 @@ def measure(name, case, quick):
     return row
 
 
-def bound_per_iteration(case, quick):
-    """µs of one `A v` plus one `Aᵀ u` in a compiled loop (the floor per iteration)."""
+def bound_program(case, quick):
+    """A compiled loop of `k` steps `v ← Aᵀ(A v)/‖·‖`: the floor per iteration."""
     k = 20 if quick else 100
     if case.kind == "mlp":
         params, inputs = case.mlp
@@ -418,10 +421,71 @@ def bound_per_iteration(case, quick):
             return jax.lax.fori_loop(0, k, body, jnp.ones(a.shape[1], a.dtype))
 
         args = (jnp.asarray(case.dense),)
-    compiled = jax.jit(loop).lower(*args).compile()
+    return jax.jit(loop).lower(*args).compile(), args, k
+
+
+def bound_per_iteration(case, quick):
+    """µs of one `A v` plus one `Aᵀ u` in a compiled loop."""
+    compiled, args, k = bound_program(case, quick)
     compiled(*args)
     _, t = _time(lambda: compiled(*args), budget=1.0)
     return t / k * 1e6
+
+
+def fixed_iteration_solvers(k):
+    """The same solvers, made to run exactly `k` iterations (no tolerance stops)."""
+    return {
+        "matfree_lstsq LSMR": ours(
+            mfl.LSMR, tol=0.0, btol=0.0, conlim=1e300, max_steps=k
+        ),
+        "matfree lsmr": matfree_lsmr(tol=0.0, max_steps=k, ctol=0.0),
+        "lineax LSMR (MatrixLinearOperator)": lineax_lsmr(
+            "matrix", tol=0.0, max_steps=k, conlim=1e300
+        ),
+        "lineax LSMR (FunctionLinearOperator)": lineax_lsmr(
+            "function", tol=0.0, max_steps=k, conlim=1e300
+        ),
+        "lineax LSMR (JacobianLinearOperator)": lineax_lsmr(
+            "jacobian", tol=0.0, max_steps=k, conlim=1e300
+        ),
+    }
+
+
+def per_iteration(case, quick, rounds=5):
+    """µs per iteration of each JAX solver over a fixed number of iterations, and of
+    the floor `A v` + `Aᵀ u`; rounds interleave the solvers and the minimum over
+    rounds is kept (the least disturbed run), plus compile times."""
+    k = 20 if quick else (100 if case.kind == "mlp" else 200)
+    progs = {}
+    out = dict(problem=case.name, dtype=np.dtype(case.dtype).name, k=k)
+    for name, factory in fixed_iteration_solvers(k).items():
+        made = factory(case)
+        if made is None:
+            continue
+        fn, args = made
+        try:
+            t0 = time.perf_counter()
+            compiled = jax.jit(fn).lower(*args).compile()
+            out[f"compile {name}"] = time.perf_counter() - t0
+        except Exception:  # noqa: BLE001 (peers crash on some dtypes)
+            continue
+        progs[name] = (compiled, args)
+    bound, bound_args, bound_k = bound_program(case, quick)
+    times = {name: [] for name in [*progs, "bound"]}
+    its = {"bound": bound_k}
+    for _ in range(2 if quick else rounds):
+        for name, (compiled, args) in progs.items():
+            t0 = time.perf_counter()
+            _, n_it, _ = jax.block_until_ready(compiled(*args))
+            times[name].append(time.perf_counter() - t0)
+            its[name] = int(n_it)
+        t0 = time.perf_counter()
+        jax.block_until_ready(bound(*bound_args))
+        times["bound"].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        out[name] = min(ts) / its[name] * 1e6
+        out[f"iterations {name}"] = its[name]
+    return out
 
 
 def cases(dtype, quick):
@@ -442,16 +506,21 @@ def cases(dtype, quick):
 
 
 def run_table(dtypes, quick, log):
-    rows, bounds = [], {}
+    """All solvers on all problems; fixed-iteration timings on some of them."""
+    rows, per_it = [], []
     for dtype in dtypes:
         for case in cases(dtype, quick):
-            bounds[(case.name, np.dtype(dtype).name)] = bound_per_iteration(case, quick)
             for name in SOLVERS:
                 row = measure(name, case, quick)
                 if row is not None:
                     rows.append(row)
                     log(_fmt_row(row))
-    return rows, bounds
+            if quick or any(
+                key in case.name for key in ("cond 1e2 consistent", "sparse", "MLP")
+            ):
+                per_it.append(per_iteration(case, quick))
+                log(str(per_it[-1]))
+    return rows, per_it
 
 
 # ---------------------------------------------------------------------------------
@@ -562,42 +631,35 @@ HEADER = (
 )
 
 
-def per_iteration_summary(rows, bounds):
-    """This package's plain LSMR against the bound and its peers, per problem."""
+def per_iteration_summary(per_it):
+    """Fixed-iteration timings: this package's LSMR against the floor and its peers."""
+    names = {
+        "matfree": "matfree lsmr",
+        "lineax Matrix": "lineax LSMR (MatrixLinearOperator)",
+        "lineax Function": "lineax LSMR (FunctionLinearOperator)",
+        "lineax Jacobian": "lineax LSMR (JacobianLinearOperator)",
+    }
     out = [
-        "| problem | dtype | bound Av+Aᵀu (µs) | ours (µs/it) | ours / bound | "
-        "ours / matfree | lineax Matrix / ours | lineax Jacobian / ours | "
-        "compile: ours / min(lineax, matfree) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| problem | dtype | k | floor Av+Aᵀu (µs) | this package (µs/it) | "
+        "ours / floor | "
+        + " | ".join(f"{short} / ours" for short in names)
+        + " | compile: ours (s) | compile: fastest peer (s) |",
+        "|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|",
     ]
-    by = {(r["problem"], r["dtype"], r["solver"]): r for r in rows if "error" not in r}
-    for (prob, dt), bound in bounds.items():
-        me = by.get((prob, dt, OURS))
+    for r in per_it:
+        me = r.get(OURS)
         if me is None:
             continue
-
-        def ratio(name, inverse=False, key="us_per_it", prob=prob, dt=dt, me=me):
-            r = by.get((prob, dt, name))
-            if r is None or r.get(key) is None:
-                return "—"
-            return f"{(r[key] / me[key]) if inverse else (me[key] / r[key]):.2f}"
-
-        comp = [
-            by.get((prob, dt, n))
-            for n in (
-                "lineax LSMR (MatrixLinearOperator)",
-                "lineax LSMR (FunctionLinearOperator)",
-                "lineax LSMR (JacobianLinearOperator)",
-                "matfree lsmr",
-            )
+        ratios = [
+            f"{r[full] / me:.2f}" if full in r else "—" for full in names.values()
         ]
-        comp = [r["compile_s"] for r in comp if r is not None]
+        peers = [r[f"compile {full}"] for full in names.values() if full in r]
+        fastest = f"{min(peers):.2f}" if peers else "—"
         out.append(
-            f"| {prob} | {dt} | {bound:.0f} | {me['us_per_it']:.0f} | "
-            f"{me['us_per_it'] / bound:.2f} | {ratio('matfree lsmr')} | "
-            f"{ratio('lineax LSMR (MatrixLinearOperator)', inverse=True)} | "
-            f"{ratio('lineax LSMR (JacobianLinearOperator)', inverse=True)} | "
-            f"{(me['compile_s'] / min(comp)) if comp else float('nan'):.2f} |"
+            f"| {r['problem']} | {r['dtype']} | {r['k']} | {r['bound']:.0f} | "
+            f"{me:.0f} | {me / r['bound']:.2f} | "
+            + " | ".join(ratios)
+            + f" | {r[f'compile {OURS}']:.2f} | {fastest} |"
         )
     return "\n".join(out)
 
@@ -621,22 +683,25 @@ def main():
     args = parser.parse_args()
 
     if args.x64_off:
-        rows, bounds = run_table([np.float32], args.quick, lambda s: None)
-        print(json.dumps(rows))
+        rows, per_it = run_table([np.float32], args.quick, lambda s: None)
+        print(json.dumps(dict(rows=rows, per_it=per_it)))
         return
 
     print(HEADER)
     dtypes = [np.float64] if args.no_float32 else [np.float64, np.float32]
-    rows, bounds = run_table(dtypes, args.quick, print)
-    rows32 = [] if args.no_float32 else x64_off_rows(args.quick)
-    for r in rows32:
+    rows, per_it = run_table(dtypes, args.quick, print)
+    off = dict(rows=[], per_it=[]) if args.no_float32 else x64_off_rows(args.quick)
+    rows32 = off["rows"]
+    for r in rows32 + off["per_it"]:
         r["dtype"] = "float32 (x64 off)"
+    for r in rows32:
         print(_fmt_row(r))
+    per_it += off["per_it"]
     rhs = many_rhs(args.quick)
     title, curves = residual_curves(args.quick)
 
     plot = HERE / "residuals_cond1e4.png"
-    summary = per_iteration_summary(rows, bounds)
+    summary = per_iteration_summary(per_it)
     print(summary)
     print(json.dumps(rhs))
     if args.quick:
@@ -666,6 +731,12 @@ def main():
         "or normal equations for the sparse problem).",
         "",
         "### Per iteration",
+        "",
+        "Each JAX solver runs exactly k iterations (all tolerances 0); the solvers "
+        "and the floor (a compiled loop of `v ← Aᵀ(A v)/‖·‖`) are interleaved over "
+        "5 rounds and the fastest round of each is kept, which is robust to other "
+        "jobs on the machine. Ratios above 1 in the peer columns mean this package "
+        "is faster. Compile time: lowering and compiling the k-iteration solve.",
         "",
         summary,
         "",
