@@ -36,7 +36,8 @@ _SUBSPACES = ("full", "image", "kernel")
 
 
 class DiffusionInfo(eqx.Module):
-    r"""Per-step solver statistics of [`matfree_lstsq.applications.laplace_diffusion`][].
+    r"""Per-step solver statistics of
+    [`matfree_lstsq.applications.laplace_diffusion`][].
 
     Every array has shape `(S, T)`: one entry per sample and Euler–Maruyama step.
     Fields of a solve that the chosen `subspace` does not need are `None`.
@@ -258,4 +259,3 @@ def laplace_diffusion(
         for name in ("num_steps", "istop", "residual")
     }
     return samples, DiffusionInfo(**fields)
-

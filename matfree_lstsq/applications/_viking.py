@@ -294,7 +294,7 @@ def viking_elbo(
     (\alpha^{-1/2} - \sigma_{\text{im}}) P\varepsilon_s$ (one kernel projection per
     draw, [`matfree_lstsq.applications.kernel_projector`][] with `method="lstsq"`,
     over the given data), predicted with the network itself. The KL is the closed
-    form of [`VikingPosterior.kl_divergence`][matfree_lstsq.applications.VikingPosterior.kl_divergence]
+    form of `VikingPosterior.kl_divergence`
     at the Hutchinson estimate $\hat R$ of $\operatorname{tr} P$.
 
     Gradients: with respect to the mean they flow through the projection $P$
@@ -423,8 +423,7 @@ def viking_sample(
     check_solver(solver)
     if posterior.kernel == "loss" and (loss_fn is None or targets is None):
         raise ValueError(
-            "A posterior with `kernel='loss'` needs `loss_fn` and `targets` to "
-            "sample."
+            "A posterior with `kernel='loss'` needs `loss_fn` and `targets` to sample."
         )
     projector = _projector(
         posterior, model_fn, inputs, loss_fn, targets, batch_size, solver, throw
