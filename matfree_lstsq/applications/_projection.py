@@ -322,8 +322,8 @@ def kernel_projector(
         most `tol`; `None` means $\sqrt{\varepsilon}$ of the parameters' dtype.
     - `acceleration`: `"alternating"` only: Gearhart–Koshy acceleration.
     - `solver`: the least-squares solver of `"lstsq"` and `"alternating"`; `None`
-        means `matfree_lstsq.LSMR` with tolerances $\varepsilon^{3/4}$ (about
-        `2e-12` in float64), no practical condition limit and up to ten times
+        means `matfree_lstsq.LSMR` with tolerances $\varepsilon^{2/3}$ (about
+        `4e-11` in float64), no practical condition limit and up to ten times
         $\min(m, n)$ steps.
     - `throw`: whether a solve that fails to meet the solver's tolerances raises
         (`True`) or returns its last iterate (`False`, default); check
