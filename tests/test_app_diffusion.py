@@ -11,6 +11,8 @@ Oracles:
   and against sampled (non-linearised) Laplace with the same prior precision.
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,7 +140,7 @@ def test_nonlinear_train_accuracy_vs_sampled_laplace():
         return float(jnp.mean(jnp.argmax(logits, -1) == labels[None]))
 
     acc_map = accuracy(mlp(params, inputs)[None])
-    kwargs = dict(likelihood="classification", prior_precision=alpha)
+    kwargs: dict[str, Any] = dict(likelihood="classification", prior_precision=alpha)
     laplace, _ = mfa.laplace_posterior(
         jax.random.key(1), mlp, params, inputs, 32, **kwargs
     )
@@ -154,7 +156,9 @@ def test_nonlinear_train_accuracy_vs_sampled_laplace():
         **kwargs,
     )
     acc_diffusion = accuracy(mfa.sample_predict(mlp, diffusion, inputs))
-    print(f"MAP {acc_map:.4f}, diffusion {acc_diffusion:.4f}, Laplace {acc_laplace:.4f}")
+    print(
+        f"MAP {acc_map:.4f}, diffusion {acc_diffusion:.4f}, Laplace {acc_laplace:.4f}"
+    )
     assert acc_map > 0.75
     assert acc_diffusion >= acc_map - 0.01
     assert acc_laplace < acc_map - 0.01
@@ -183,7 +187,7 @@ def test_nonlinear_train_accuracy_vs_sampled_laplace():
     ],
 )
 def test_bad_input(change, match):
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         num_samples=2,
         num_steps=2,
         prior_precision=1.0,
