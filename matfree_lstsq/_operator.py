@@ -177,24 +177,47 @@ def tree_where(pred: ArrayLike, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Ar
     return jtu.tree_map(lambda a, b: jnp.where(pred, a, b), x, y)
 
 
-def tree_orthogonalise(x: PyTree[Array], basis: PyTree[Array]) -> PyTree[Array]:
+def _project_out(x: PyTree[Array], rows: PyTree[Array]) -> PyTree[Array]:
+    """`x − Rᴴ(R x)` over all leaves: two matrix–vector products with the rows `R`."""
+    coeffs = [
+        jnp.tensordot(jnp.conj(rl), xl, axes=xl.ndim)
+        for rl, xl in zip(jtu.tree_leaves(rows), jtu.tree_leaves(x))
+    ]
+    coeffs = sum(coeffs[1:], coeffs[0])
+    return jtu.tree_map(
+        lambda rl, xl: xl - jnp.tensordot(coeffs.astype(rl.dtype), rl, axes=1), rows, x
+    )
+
+
+def tree_orthogonalise(
+    x: PyTree[Array],
+    basis: PyTree[Array],
+    num_rows: Array | None = None,
+    block: int | None = None,
+) -> PyTree[Array]:
     """Remove from `x` its components along the rows of `basis` (a pytree like `x`
     with a leading axis; rows of zeros are allowed and have no effect).
 
-    Classical Gram–Schmidt applied twice: one pass leaves components of the size of
-    the rounding error times the condition of the basis, a second pass removes them
-    ("twice is enough"; Giraud, Langou and Rozložník, 2005).
+    Gram–Schmidt applied twice: one pass leaves components of the size of the rounding
+    error times the condition of the basis, a second pass removes them ("twice is
+    enough"; Giraud, Langou and Rozložník, 2005). With `num_rows` (traced) and
+    `block` (static, dividing the number of rows), only the first `num_rows` rows are
+    used, `block` rows at a time (block Gram–Schmidt): the cost grows with the rows
+    filled so far, not with the storage reserved for them.
     """
-    for _ in range(2):
-        # c = Bᴴx over all leaves; x ← x − Bᵀc. Two matrix–vector products per pass.
-        coeffs = [
-            jnp.tensordot(jnp.conj(bl), xl, axes=xl.ndim)
-            for bl, xl in zip(jtu.tree_leaves(basis), jtu.tree_leaves(x))
-        ]
-        coeffs = sum(coeffs[1:], coeffs[0])
-        x = jtu.tree_map(
-            lambda bl, xl, c=coeffs: xl - jnp.tensordot(c.astype(bl.dtype), bl, axes=1),
-            basis,
-            x,
+    if num_rows is None or block is None:
+        for _ in range(2):
+            x = _project_out(x, basis)
+        return x
+
+    num_blocks = (num_rows + block - 1) // block
+
+    def one_block(i, x):
+        rows = jtu.tree_map(
+            lambda bl: jax.lax.dynamic_slice_in_dim(bl, i * block, block, axis=0), basis
         )
+        return _project_out(x, rows)
+
+    for _ in range(2):
+        x = jax.lax.fori_loop(0, num_blocks, one_block, x)
     return x

@@ -29,6 +29,8 @@ from ._solution import ISTOP_NONFINITE, istop_to_result
 
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
+# Rows of a reorthogonalisation basis processed at a time.
+_BASIS_BLOCK = 32
 
 
 def _check_nonnegative(name: str, value: Any, strict: bool = False) -> None:
@@ -109,14 +111,22 @@ class Bases(eqx.Module):
     # after reorthogonalisation is below √min(m, n) ε times this is rounding noise.
     scale: Float[Array, ""]
     tol_factor: float = eqx.field(static=True)
+    # Ring-buffer length, and the block size of the orthogonalisation.
+    size: int = eqx.field(static=True)
+    block: int = eqx.field(static=True)
 
     @classmethod
     def start(cls, s: "Start", size: int) -> "Bases":
         """Bases holding `u₁` and `v₁`, with room for `size` vectors each."""
+        # Storage is a whole number of blocks; orthogonalisation visits only the
+        # blocks filled so far, so early steps are cheap even when `size` is large.
+        block = min(size, _BASIS_BLOCK)
+        rows_alloc = -(-size // block) * block
 
         def rows(x):
             return jtu.tree_map(
-                lambda xl: jnp.zeros((size, *xl.shape), xl.dtype).at[0].set(xl), x
+                lambda xl: jnp.zeros((rows_alloc, *xl.shape), xl.dtype).at[0].set(xl),
+                x,
             )
 
         m, n = structure_size(s.u), structure_size(s.v)
@@ -131,13 +141,19 @@ class Bases(eqx.Module):
             count=jnp.ones((), jnp.int32),
             scale=jnp.maximum(s.alpha, s.beta),
             tol_factor=factor,
+            size=size,
+            block=block,
+        )
+
+    def orthogonalise(self, x: PyTree[Array], basis: PyTree[Array]) -> PyTree[Array]:
+        return tree_orthogonalise(
+            x, basis, num_rows=jnp.minimum(self.count, self.size), block=self.block
         )
 
     def push(
         self, u: PyTree[Array] | None, v: PyTree[Array] | None, alpha, beta
     ) -> "Bases":
-        size = jtu.tree_leaves((self.left, self.right))[0].shape[0]
-        row = self.count % size
+        row = self.count % self.size
 
         def put(basis, x):
             if basis is None:
@@ -150,6 +166,8 @@ class Bases(eqx.Module):
             count=self.count + 1,
             scale=jnp.maximum(self.scale, jnp.maximum(alpha, beta)),
             tol_factor=self.tol_factor,
+            size=self.size,
+            block=self.block,
         )
 
 
@@ -180,11 +198,11 @@ def bidiag_step(
     threshold = None if bases is None else bases.tol_factor * bases.scale
     u = tree_sub(problem.mv(v), tree_scale(alpha, u))
     if bases is not None and bases.left is not None:
-        u = tree_orthogonalise(u, bases.left)
+        u = bases.orthogonalise(u, bases.left)
     u, beta = _normalise(u, rdtype, threshold)
     v_new = tree_sub(problem.rmv(u), tree_scale(beta, v))
     if bases is not None and bases.right is not None:
-        v_new = tree_orthogonalise(v_new, bases.right)
+        v_new = bases.orthogonalise(v_new, bases.right)
     v_new, alpha_new = _normalise(v_new, rdtype, threshold)
     v = tree_where(beta > 0, v_new, v)
     alpha = jnp.where(beta > 0, alpha_new, alpha)
