@@ -96,8 +96,8 @@ class LSMR(AbstractLeastSquaresSolver):
         the iteration behaves as in exact arithmetic and ends within about
         $\min(m, n)$ steps. Costs $s \min(m, n)$ extra numbers of memory, with
         $s = \min(\text{max\_steps}, m, n) + 1$ for `True` and $s = w$ for a
-        window, and about $4 s \min(m, n)$ extra multiply–adds per step; see the
-        Performance page for when it pays.
+        window, and about $4 \min(k, s) \min(m, n)$ extra multiply–adds at step
+        $k$; see the Performance page for when it pays.
 
     **References:**
 
