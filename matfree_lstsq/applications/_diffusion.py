@@ -197,7 +197,7 @@ def laplace_diffusion(
     - `noise_std`: $\sigma > 0$ for `"regression"`.
     - `batch_size`: stream the Jacobian over the data in batches of this size.
     - `solver`: the least-squares solver of both solves; `None` means
-        `matfree_lstsq.LSMR` with tolerances $\varepsilon^{3/4}$ of the
+        `matfree_lstsq.LSMR` with tolerances $\varepsilon^{2/3}$ of the
         parameters' dtype.
     - `throw`: raise if a solve misses its tolerances (default `False`: report in
         `info`).

@@ -321,7 +321,7 @@ def viking_elbo(
     - `beta`: $\beta \ge 0$, the weight of the KL term.
     - `batch_size`: stream the projection's Jacobian over the data in batches.
     - `solver`: the projection's least-squares solver (default: LSMR with
-        tolerances $\varepsilon^{3/4}$).
+        tolerances $\varepsilon^{2/3}$).
     - `throw`: raise if a projection misses its tolerances (default `False`).
 
     **Returns:**
