@@ -20,6 +20,7 @@ iterations.
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -728,7 +729,7 @@ def main():
         f"Run of {datetime.date.today()}, {platform.processor() or platform.machine()}"
         f", {os.cpu_count()} CPU cores, jax {jax.__version__}, lineax "
         f"{lx.__version__ if hasattr(lx, '__version__') else '?'}, matfree "
-        f"{getattr(matfree, '__version__', '?')}, SciPy {scipy.__version__}; load "
+        f"{importlib.metadata.version('matfree')}, SciPy {scipy.__version__}; load "
         f"average at the end {load:.1f}. Problems and tolerances: see the docstring "
         "of `benchmarks/run.py`. `istop` follows SciPy's codes (lineax: its "
         '`RESULTS` index, 0 = success; 7 = `max_steps`). "reorth., tol → ε" runs '
