@@ -130,8 +130,15 @@ def bidiagonalise(
     mv, rmv = matvecs(operator)
     k = num_steps
 
+    # Storage in whole blocks of rows: step i orthogonalises against the i rows filled
+    # so far, a block at a time, instead of against all k + 1 (mostly zero) rows.
+    block = min(k + 1, 32)
+    rows_alloc = -(-(k + 1) // block) * block
+
     def stack_zeros(struct):
-        return jtu.tree_map(lambda s: jnp.zeros((k + 1, *s.shape), s.dtype), struct)
+        return jtu.tree_map(
+            lambda s: jnp.zeros((rows_alloc, *s.shape), s.dtype), struct
+        )
 
     def set_row(basis, i, x):
         return jtu.tree_map(lambda bl, xl: bl.at[i].set(xl), basis, x)
@@ -153,12 +160,12 @@ def bidiagonalise(
         tol = jnp.sqrt(jnp.asarray(min(m, n), rdtype)) * eps * scale
         u_new = tree_sub(mv(v), tree_scale(alphas[i - 1], u))
         if reorthogonalise:
-            u_new = tree_orthogonalise(u_new, left)
+            u_new = tree_orthogonalise(u_new, left, num_rows=i, block=block)
         u_new, beta = _normalise(u_new, tol)
         scale = jnp.maximum(scale, beta)
         v_new = tree_sub(rmv(u_new), tree_scale(beta, v))
         if reorthogonalise:
-            v_new = tree_orthogonalise(v_new, right)
+            v_new = tree_orthogonalise(v_new, right, num_rows=i, block=block)
         v_new, alpha = _normalise(v_new, tol)
         scale = jnp.maximum(scale, alpha)
         left = set_row(left, i, u_new)
@@ -171,4 +178,5 @@ def bidiagonalise(
     if k > 0:
         carry = jax.lax.fori_loop(1, k + 1, body, carry)
     left, right, alphas, betas, *_ = carry
+    left, right = jtu.tree_map(lambda x: x[: k + 1], (left, right))
     return GolubKahan(left=left, right=right, alpha=alphas, beta=betas)
