@@ -24,6 +24,7 @@ import pytest
 from app_models import init_mlp, mlp_scalar, normal
 from jax.flatten_util import ravel_pytree
 
+import matfree_lstsq as mfl
 from matfree_lstsq import applications as mfa
 
 
@@ -178,22 +179,35 @@ def test_elbo_gradient_matches_finite_differences(small):
 # ---------------------------------------------------------------------------------
 
 
+# Training needs projections to optimisation accuracy, not to the default
+# $\varepsilon^{2/3}$: tolerance 1e-6 with reorthogonalisation makes a step 25x
+# cheaper on the two-moons problem (12 ms vs 322 ms for 128 x 337).
+TRAIN_SOLVER = mfl.LSMR(atol=1e-6, btol=1e-6, reorthogonalise=True)
+
+
 def train_viking(
-    post, model_fn, loss_fn, inputs, targets, *, batch, epochs, lr, beta=1.0
+    post, model_fn, loss_fn, inputs, targets, *, batch, epochs, optimiser, beta=1.0
 ):
-    """RMSprop on minibatches with the KL weight `beta` divided by the number of
-    batches; one compiled scan over all steps. Returns the final posterior and the
-    per-epoch losses."""
+    """An optax optimiser on minibatches with the KL weight `beta` divided by the
+    number of batches; one compiled scan over all steps. Returns the final
+    posterior and the per-epoch losses."""
     n = inputs.shape[0]
     num_batches = n // batch
     beta = beta / num_batches
     params, static = eqx.partition(post, eqx.is_inexact_array)
-    optimiser = optax.rmsprop(lr)
 
     def loss(params, key, x, y):
         p = eqx.combine(params, static)
         return mfa.viking_elbo(
-            p, key, model_fn, loss_fn, x, y, num_samples=1, beta=beta
+            p,
+            key,
+            model_fn,
+            loss_fn,
+            x,
+            y,
+            num_samples=1,
+            beta=beta,
+            solver=TRAIN_SOLVER,
         )[0]
 
     @jax.jit
@@ -224,19 +238,25 @@ def train_viking(
         )
         return params, losses
 
-    params, losses = run(params, jax.random.key(0))
+    # optax's Adam mixes Python floats with its int32 step count, which strict
+    # promotion (conftest.py) refuses; this package's code runs strict elsewhere.
+    with jax.numpy_dtype_promotion("standard"):
+        params, losses = run(params, jax.random.key(0))
     return eqx.combine(params, static), np.asarray(losses)
 
 
-@pytest.mark.skip(
-    reason="Unfinished (issue 6): 500 full-batch steps take ~7 min under load, far "
-    "over the suite's budget, and the last run missed the criterion (VIKING 95.3% "
-    "vs MAP 98.4% train accuracy, beta=0.1); see the issue-6 report."
-)
 def test_two_moons_training():
-    """VIKING on two moons from the same initialisation as a MAP trained alike:
-    the loss (summed over each epoch) decreases, and the samples' mean predictive
-    accuracy on the training data is at least the MAP's minus 2 points."""
+    r"""VIKING on two moons from the same initialisation as a MAP trained alike
+    (prior precision 1, 400 full-batch steps): the loss (summed over each epoch)
+    decreases, and the samples' mean predictive accuracy on the training data is at
+    least the MAP's minus 2 points.
+
+    With a tempered KL ($\beta = 0.1$) and 1000 full-batch Adam steps. Recorded
+    (seed 0): MAP 98.44%, VIKING 98.44% (learned $\alpha = 0.79$,
+    $\sigma_{\text{im}} = 0.24$). Shorter runs fall short (500 steps: 94.5-96.9%),
+    and so does $\beta = 1$ (86% after 2000 steps: the learned prior precision
+    grows to about 5 and the mean underfits).
+    """
     from sklearn.datasets import make_moons
 
     x, y = make_moons(128, noise=0.15, random_state=0)
@@ -249,16 +269,16 @@ def test_two_moons_training():
         sq = sum(jnp.sum(v**2) for v in jax.tree_util.tree_leaves(p))
         return nll + 0.5 * alpha * sq
 
-    optimiser = optax.rmsprop(1e-2)
+    map_optimiser = optax.rmsprop(1e-2)
 
     @jax.jit
     def train_map(p):
         def step(carry, _):
             p, state = carry
-            updates, state = optimiser.update(jax.grad(map_loss)(p), state)
+            updates, state = map_optimiser.update(jax.grad(map_loss)(p), state)
             return (optax.apply_updates(p, updates), state), None
 
-        return jax.lax.scan(step, (p, optimiser.init(p)), None, length=400)[0][0]
+        return jax.lax.scan(step, (p, map_optimiser.init(p)), None, length=400)[0][0]
 
     params_map = train_map(init)
     labels = targets > 0.5
@@ -274,8 +294,8 @@ def test_two_moons_training():
         inputs,
         targets,
         batch=128,
-        epochs=500,
-        lr=2e-2,
+        epochs=1000,
+        optimiser=optax.adam(5e-2),
         beta=0.1,
     )
     assert np.all(np.isfinite(losses))
@@ -287,6 +307,7 @@ def test_two_moons_training():
         f"MAP {acc_map:.4f}, VIKING {acc:.4f}, loss {losses[0]:.2f} -> {losses[-1]:.2f}"
     )
     print("alpha", post.prior_precision, "scale", post.scale_image)
+    assert acc_map >= 0.95
     assert acc >= acc_map - 0.02
 
 
@@ -307,7 +328,14 @@ def test_sinusoid_gap_entropy():
         init_mlp(1, [1, 16, 16, 1]), prior_precision=1.0, scale_image=0.01
     )
     post, losses = train_viking(
-        post, mlp_scalar, gaussian_loss, inputs, targets, batch=40, epochs=100, lr=2e-2
+        post,
+        mlp_scalar,
+        gaussian_loss,
+        inputs,
+        targets,
+        batch=40,
+        epochs=100,
+        optimiser=optax.rmsprop(2e-2),
     )
     assert losses[-10:].mean() < losses[:10].mean()
     samples, _ = mfa.viking_sample(post, jax.random.key(1), mlp_scalar, inputs, 64)
