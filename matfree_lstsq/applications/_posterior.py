@@ -137,8 +137,9 @@ def projected_posterior(
 
     **References:**
 
-    F. Miani, L. Beretta and S. Hauberg, *Bayes without underfitting: fully
-    correlated deep learning posteriors via alternating projections*, 2024.
+    M. Miani, H. Roy and S. Hauberg, *Bayes without underfitting: fully
+    correlated deep learning posteriors via alternating projections*, AISTATS 2025,
+    arXiv:2410.16901.
     D. J. C. MacKay, *Bayesian interpolation*, Neural Computation 4(3), 1992
     (evidence). M. F. Hutchinson, *A stochastic estimator of the trace of the
     influence matrix*, 1990.
