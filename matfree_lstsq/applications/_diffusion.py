@@ -26,7 +26,7 @@ from ._common import (
 from ._jacobian import ggn_sqrt_operator
 from ._posterior import (
     _check_num_samples,
-    _default_laplace_solver,
+    _sqrt_ggn_and_solver,
     laplace_sample_from_operator,
 )
 from ._projection import _project_lstsq
@@ -231,16 +231,9 @@ def laplace_diffusion(
     inputs = as_arrays(inputs, "inputs")
     # Builds the operator once at the start: validates the model, data and
     # likelihood, and gives the default solver's sizes.
-    sqrt_ggn = ggn_sqrt_operator(
-        model_fn,
-        params,
-        inputs,
-        likelihood=likelihood,
-        noise_std=noise_std,
-        batch_size=batch_size,
+    _, solver = _sqrt_ggn_and_solver(
+        model_fn, params, inputs, likelihood, noise_std, batch_size, solver
     )
-    if solver is None:
-        solver = _default_laplace_solver(sqrt_ggn)
     dtype = params_dtype(params)
     keys = jax.random.split(key, (num_samples, num_steps))
     static = (likelihood, subspace, int(num_steps), batch_size, solver, bool(throw))

@@ -224,23 +224,31 @@ def _laplace_sample(
 ) -> tuple[PyTree[Array], dict[str, Array]]:
     """One linearised-Laplace perturbation at `params` (not added to `params`) and
     the solver's statistics: the step Laplace diffusion takes at every iterate."""
+    sqrt_ggn, solver = _sqrt_ggn_and_solver(
+        model_fn, params, inputs, likelihood, noise_std, batch_size, solver
+    )
+    return laplace_sample_from_operator(key, sqrt_ggn, prior_precision, solver, throw)
+
+
+def _sqrt_ggn_and_solver(
+    model_fn, params, inputs, likelihood, noise_std, batch_size, solver
+) -> tuple[lx.AbstractLinearOperator, mfl.AbstractLeastSquaresSolver]:
+    """The GGN square root at `params` (which validates the model, the data and the
+    likelihood) and the given solver, or the default one for the operator's sizes
+    and dtype."""
     sqrt_ggn = ggn_sqrt_operator(
         model_fn,
         params,
         inputs,
-        likelihood=likelihood,  # type: ignore[arg-type]
+        likelihood=likelihood,
         noise_std=noise_std,
         batch_size=batch_size,
     )
     if solver is None:
-        solver = _default_laplace_solver(sqrt_ggn)
-    return laplace_sample_from_operator(key, sqrt_ggn, prior_precision, solver, throw)
-
-
-def _default_laplace_solver(sqrt_ggn: lx.AbstractLinearOperator) -> mfl.LSMR:
-    in_struct = sqrt_ggn.in_structure()
-    m, n = tree_size(sqrt_ggn.out_structure()), tree_size(in_struct)
-    return default_solver(params_dtype(in_struct), m, n)
+        in_struct = sqrt_ggn.in_structure()
+        m, n = tree_size(sqrt_ggn.out_structure()), tree_size(in_struct)
+        solver = default_solver(params_dtype(in_struct), m, n)
+    return sqrt_ggn, solver
 
 
 @eqx.filter_jit
@@ -312,16 +320,9 @@ def laplace_posterior(
     check_positive_scalar("prior_precision", prior_precision)
     check_solver(solver)
     params = as_arrays(params, "params")
-    sqrt_ggn = ggn_sqrt_operator(
-        model_fn,
-        params,
-        inputs,
-        likelihood=likelihood,
-        noise_std=noise_std,
-        batch_size=batch_size,
+    sqrt_ggn, solver = _sqrt_ggn_and_solver(
+        model_fn, params, inputs, likelihood, noise_std, batch_size, solver
     )
-    if solver is None:
-        solver = _default_laplace_solver(sqrt_ggn)
     deltas, info = _laplace_samples(
         key, num_samples, sqrt_ggn, prior_precision, solver, throw
     )
