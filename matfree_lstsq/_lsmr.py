@@ -81,8 +81,9 @@ class LSMR(AbstractLeastSquaresSolver):
     - `conlim`: stop when the estimated condition number of $A$ exceeds this
         (default `1e8`).
     - `full_rank`: declare that the operator has full rank (full column rank when
-        tall, full row rank when wide). Derivatives of undamped solves then need two
-        solves instead of three; a wrong declaration gives wrong derivatives.
+        tall, full row rank when wide). Derivatives with respect to the operator
+        then need two solves instead of three (one when square and undamped); a
+        wrong declaration gives wrong derivatives.
     - `max_steps`: iteration limit; `None` means SciPy's default $\min(m, n)$.
 
     - `reorthogonalise`: `False` (default) runs the plain short recurrences, as

@@ -7,7 +7,7 @@ JAX derives reverse mode, and every composition of modes, by linearising and
 transposing this one rule: a VJP costs as many solves as a JVP.
 """
 
-from typing import Any, Literal
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -31,9 +31,11 @@ from ._operator import (
     tree_norm,
     tree_scale,
     tree_sub,
+    tree_where,
     tree_zeros,
 )
 from ._solution import (
+    ISTOP_NONFINITE,
     RESULTS,
     Solution,
     error_messages,
@@ -62,26 +64,112 @@ def _check_damp(damp: Any, rdtype) -> Array:
 
 
 # ---------------------------------------------------------------------------------
-# Derivative solves.
+# Derivative solves: transposable solves with K = [A; λI] and with Kᴴ.
 # ---------------------------------------------------------------------------------
+
+
+class _Stack(eqx.Module):
+    """The operator of one derivative solve: `K = [A; λI]` (just `A` when `damp` is
+    `None`, a static zero), possibly conjugated and/or transposed. It doubles as
+    that solve's lineax state (gradient-stopped by `lx.linear_solve`), so that a
+    transposed or conjugated solve still knows `A` and `λ` separately.
+
+    - A solve with `K` returns `K⁺(top, bottom) = M⁻¹(Aᴴtop + λ bottom)`, by the
+      solver run on the stacked operator.
+    - A solve with `Kᴴ` returns the minimum-norm `(p, g)` with `Aᴴp + λg = w`:
+      `p = (AAᴴ + λ²I)⁻¹A w` is a *damped* solve with `Aᴴ` (no block is divided by
+      λ first, and the solver's relative tolerance applies to `p` alone), and
+      `g = (w − Aᴴp)/λ = λM⁻¹w` follows in closed form (0 when λ = 0). Solving the
+      wide `Kᴴ` itself would measure `p` against `g`, which holds `w_null/λ`.
+    """
+
+    operator: lx.AbstractLinearOperator
+    damp: Array | None
+    transposed: bool = eqx.field(static=True, default=False)
+    conjugated: bool = eqx.field(static=True, default=False)
+
+    def base(self) -> lx.AbstractLinearOperator:
+        """`A`, or its entrywise conjugate."""
+        op = self.operator
+        complex_ = is_complex(op.in_structure()) or is_complex(op.out_structure())
+        return lx.conj(op) if (self.conjugated and complex_) else op
+
+    def as_operator(self) -> lx.AbstractLinearOperator:
+        a = self.base()
+        if self.damp is None:
+            return a.transpose() if self.transposed else a
+        damp = self.damp
+        if self.transposed:
+            at = a.transpose()
+            return lx.FunctionLinearOperator(
+                lambda z: tree_add(at.mv(z[0]), tree_scale(damp, z[1])),
+                (a.out_structure(), a.in_structure()),
+            )
+        return lx.FunctionLinearOperator(
+            lambda v: (a.mv(v), tree_scale(damp, v)), a.in_structure()
+        )
+
+    def transpose(self) -> "_Stack":
+        return _Stack(self.operator, self.damp, not self.transposed, self.conjugated)
+
+    def conj(self) -> "_Stack":
+        return _Stack(self.operator, self.damp, self.transposed, not self.conjugated)
+
+    def adjoint(self) -> "_Stack":
+        return self.transpose().conj()
+
+
+def _nan_like(x):
+    return jtu.tree_map(lambda leaf: jnp.full_like(leaf, jnp.nan), x)
+
+
+def _propagate_nan(vector, out):
+    """`out + 0·Σvector`: NaN wherever `vector` holds NaN or inf, else `out`.
+
+    Linear in `(vector, out)`, so JAX transposes it too: a NaN cotangent gives a NaN
+    gradient, never a clean zero. (XLA does not fold `0·v` to 0 for floats.)
+    """
+    total = sum(jnp.sum(jnp.real(leaf)) for leaf in jtu.tree_leaves(vector))
+    return jtu.tree_map(lambda leaf: leaf + (0 * total).astype(leaf.dtype), out)
 
 
 class _DerivativeSolver(lx.AbstractLinearSolver):
     """The forward solver, reused for the solves inside a derivative.
 
-    lineax's transpose rule always asks for `throw=True`; this wrapper decides instead:
-    it reports success to lineax, and raises its own message (naming the derivative
-    solve) only when the user passed `throw=True` to `lstsq`.
+    Its state is a `_Stack`, passed explicitly to `lx.linear_solve`; lineax's
+    transpose and conjugation rules flip the stack's flags. lineax's transpose rule
+    always asks for `throw=True`; this wrapper decides instead: it reports success
+    to lineax, and raises its own message (naming the derivative solve) only when
+    the user passed `throw=True` to `lstsq`.
     """
 
     solver: AbstractLeastSquaresSolver
-    throw: bool
+    throw: bool = eqx.field(static=True)
+    # What lineax's own derivative rules (second order) may assume about K.
+    full_rank: bool = eqx.field(static=True)
 
     def init(self, operator, options):
-        return self.solver.init(operator, options)
+        raise NotImplementedError("derivative solves are given their state")
 
-    def compute(self, state, vector, options):
-        x, istop, stats = self.solver.run(state, vector)
+    def compute(self, state: _Stack, vector, options):
+        del options
+        a = state.base()
+        if state.damp is None:
+            op = a.transpose() if state.transposed else a
+            x, istop, stats = solve(self.solver, op, vector, damp=None, x0=None)
+        elif state.transposed:
+            at = a.transpose()
+            damp = state.damp
+            p, istop, stats = solve(self.solver, at, vector, damp=damp, x0=None)
+            inv = jnp.where(damp != 0, 1 / jnp.where(damp != 0, damp, 1), 0)
+            x = (p, tree_scale(inv, tree_sub(vector, at.mv(p))))
+        else:
+            x, istop, stats = solve(
+                self.solver, state.as_operator(), vector, damp=None, x0=None
+            )
+        # lineax turns a non-finite solution into an error (its transposes always
+        # throw): return zeros here; `_Rules.solve` puts the NaN back.
+        x = tree_where(istop == ISTOP_NONFINITE, jtu.tree_map(jnp.zeros_like, x), x)
         if self.throw:
             x = eqx.branched_error_if(
                 x,
@@ -93,19 +181,14 @@ class _DerivativeSolver(lx.AbstractLinearSolver):
             )
         return x, RESULTS.successful, stats
 
-    def transpose(self, state, options):
-        return self.solver.transpose(state, options)
+    def transpose(self, state: _Stack, options):
+        return state.transpose(), options
 
-    def conj(self, state, options):
-        return self.solver.conj(state, options)
+    def conj(self, state: _Stack, options):
+        return state.conj(), options
 
     def assume_full_rank(self):
-        return self.solver.assume_full_rank()
-
-
-def _linear_solve(operator, vector, solver, throw):
-    solver = _DerivativeSolver(solver, throw)
-    return lx.linear_solve(operator, vector, solver, throw=False).value
+        return self.full_rank
 
 
 def _is_none(x):
@@ -148,80 +231,67 @@ def _neg(x):
 
 
 @eqx.filter_custom_jvp
-def _solution(operator, vector, damp, x0, *, solver, damped, throw):
-    del damped, throw
-    return solve(solver, operator, vector, damp=damp, x0=x0)
+def _solution(operator, vector, damp, x0, *, solver, undamped, throw):
+    del undamped, throw
+    x, istop, stats = solve(solver, operator, vector, damp=damp, x0=x0)
+    # Invalid input (NaN or inf, a negative `damp`) gives NaN, never a clean number.
+    x = tree_where(istop == ISTOP_NONFINITE, _nan_like(x), x)
+    return x, istop, stats
 
 
 @_solution.def_jvp
-def _solution_jvp(primals, tangents, *, solver, damped, throw):
+def _solution_jvp(primals, tangents, *, solver, undamped, throw):
     operator, b, damp, x0 = primals
     t_operator, t_b, t_damp, t_x0 = tangents
-    out = _solution(operator, b, damp, x0, solver=solver, damped=damped, throw=throw)
-    x, _, stats = out
+    out = _solution(
+        operator, b, damp, x0, solver=solver, undamped=undamped, throw=throw
+    )
+    x, istop, stats = out
     no_stats = jtu.tree_map(lambda _: None, stats)
     if not (_any(t_operator) or _any(t_b) or _any(t_damp) or _any(t_x0)):
         return out, (None, None, no_stats)
-    in_struct, out_struct = operator.in_structure(), operator.out_structure()
-    if is_complex(in_struct) or is_complex(out_struct):
-        raise NotImplementedError(
-            "Derivatives of `matfree_lstsq.lstsq` with complex operators or vectors "
-            "are not supported yet; only the forward solve is. Differentiate a real "
-            "formulation (stack real and imaginary parts) instead."
-        )
-    rules = _Rules(operator, b, damp, x0, x, stats, solver, throw)
+    rules = _Rules(
+        operator,
+        lx.linearise(operator),
+        b,
+        None if undamped else damp,
+        x0,
+        x,
+        stats,
+        solver,
+        throw,
+    )
     t_operator = _materialise(t_operator, operator) if _any(t_operator) else None
-    t_b = t_b if _any(t_b) else None
-    t_damp = t_damp if _any(t_damp) else None
-    t_x0 = t_x0 if (_any(t_x0) and x0 is not None) else None
-    if t_x0 is not None:
-        t_x0 = _materialise(t_x0, x0)
-    if t_b is not None:
-        t_b = _materialise(t_b, b)
-    if damped is True:
-        t_x = rules.damped(t_operator, t_b, t_damp, t_x0)
-    elif damped is False:
-        t_x = rules.undamped(t_operator, t_b, t_x0)
-    else:
-        # `damp` is traced: choose at run time (under `vmap` both branches run).
-        zeros = tree_zeros(in_struct)
-        t_x = jax.lax.cond(
-            damp > 0,
-            lambda a, b_, d, x0_: _sum(zeros, rules.damped(a, b_, d, x0_)),
-            lambda a, b_, d, x0_: _sum(zeros, rules.undamped(a, b_, x0_)),
-            t_operator,
-            t_b,
-            t_damp,
-            t_x0,
-        )
+    t_b = _materialise(t_b, b) if _any(t_b) else None
+    t_damp = t_damp if (_any(t_damp) and not undamped) else None
+    t_x0 = _materialise(t_x0, x0) if (_any(t_x0) and x0 is not None) else None
+    t_x = rules.tangent(t_operator, t_b, t_damp, t_x0)
+    if t_x is None:
+        t_x = tree_zeros(operator.in_structure())
+    # Invalid input: NaN derivatives too (a scaling, so still linear in the tangents).
+    t_x = tree_scale(jnp.where(istop == ISTOP_NONFINITE, jnp.nan, 1.0), t_x)
     return out, (t_x, None, no_stats)
 
 
 class _Rules(eqx.Module):
-    """The tangent of $x$ as a linear function of the input tangents.
+    r"""The tangent of $x$ as a linear function of the input tangents, one rule for
+    every $\lambda \ge 0$ and every rank.
 
-    Notation: $A$ is $m \\times n$, $r = b - A x$, $\\dot{}$ marks tangents and
-    $M = A^\\mathsf{T} A + \\lambda^2 I$.
+    Notation: $A$ is $m \times n$, $d = x - x_0$, $r = b - A x$, $\dot{}$ marks
+    tangents, $M = A^\mathsf{H} A + \lambda^2 I$ and $K = [A; \lambda I]$, so that
+    $K^+(u, g) = M^{-1}(A^\mathsf{H}u + \lambda g)$ and $K^+K^{+\mathsf{H}} = M^{-1}$
+    (for λ = 0 read pseudo-inverses: $K^+ = A^+$, $M^{-1} = (A^\mathsf{H}A)^+$).
     """
 
-    operator: lx.AbstractLinearOperator
+    operator: lx.AbstractLinearOperator  # as given: its tangents have this structure
+    linear: lx.AbstractLinearOperator  # linearised once, for products and solves
     b: PyTree[Array]
-    damp: Array
+    damp: Array | None  # None: a static zero
     x0: PyTree[Array] | None
     x: PyTree[Array]
     stats: dict
     solver: AbstractLeastSquaresSolver
-    throw: bool
-
-    # Products with $A$, $\dot A$ and their transposes.
-
-    def mv(self, v):
-        return self.operator.mv(v)
-
-    def rmv_operator(self) -> lx.AbstractLinearOperator:
-        # Aᵀ as a function operator: its products never materialise a transpose.
-        _, rmv = matvecs(self.operator)
-        return lx.FunctionLinearOperator(rmv, self.operator.out_structure())
+    throw: bool = eqx.field(static=True)
 
     def _jvp(self, fn, t_operator):
         out, t_out = eqx.filter_jvp(fn, (self.operator,), (t_operator,))
@@ -232,120 +302,107 @@ class _Rules(eqx.Module):
         """$\\dot A v$."""
         return self._jvp(lambda op: op.mv(v), t_operator)
 
-    def minus_dmv(self, t_operator, v):
-        """$-\\dot A v$, or `None` for a symbolic-zero $\\dot A$."""
-        return None if t_operator is None else _neg(self.dmv(t_operator, v))
-
     def drmv(self, t_operator, u):
-        """$\\dot A^\\mathsf{T} u$."""
+        """$\\dot A^\\mathsf{H} u$."""
         return self._jvp(lambda op: matvecs(op)[1](u), t_operator)
 
-    def residual(self):
-        return tree_sub(self.b, self.mv(self.x))
+    def solve(self, stack: _Stack, vector, full_rank: bool):
+        dsolver = _DerivativeSolver(self.solver, self.throw, full_rank)
+        out = lx.linear_solve(
+            stack.as_operator(), vector, dsolver, state=stack, throw=False
+        ).value
+        return _propagate_nan(vector, out)
 
-    def difference(self):
-        """$x - x_0$."""
-        return self.x if self.x0 is None else tree_sub(self.x, self.x0)
+    # Differentiating the normal equations Aᴴr = λ²d (for λ = 0 the pseudo-inverse,
+    # Golub and Pereyra 1973) gives, for every rank,
+    #     M ẋ = Aᴴ(ḃ − Ȧx) + λ²ẋ0 + Ȧᴴr − 2λλ̇d.                                 (1)
+    # Write r = λ²ρ + r⊥ with ρ = A⁺ᴴd (so Aᴴρ = d) and r⊥ the part of r in
+    # null(Aᴴ) (exactly so at the solution). Then (1) is
+    #     ẋ = q + K⁺(ḃ − Ȧx − 2λλ̇ρ − Aq + p, g),  q = ẋ0 + Ȧᴴρ,  (p, g) = K⁺ᴴȦᴴr⊥,
+    # the "x0 form" q + K⁺(c − Aq, 0) = M⁻¹(Aᴴc + λ²q) carrying q. Nothing is divided
+    # by λ: the λ̇ block is −2λλ̇ρ, of its own size, and the only large block, g,
+    # is λM⁻¹Ȧᴴr⊥, which K⁺ multiplies by λ again. For λ = 0 this is Golub–Pereyra's
+    # ẋ = q + A⁺(ḃ − Ȧx − Aq + A⁺ᴴȦᴴr). Solves: ρ (one, shared by all tangents),
+    # K⁺ᴴ for the residual term, and the outer K⁺. With full column rank declared,
+    # M⁻¹ has no null space to amplify the forward solve's error in r, and (1) is
+    # ẋ = ẋ0 + K⁺(ḃ − Ȧx − Aẋ0 + p, g) with (p, g) = K⁺ᴴ(Ȧᴴr − 2λλ̇d): no ρ.
 
-    def solve(self, operator, vector):
-        return _linear_solve(operator, vector, self.solver, self.throw)
-
-    # Damped, λ > 0. With K = [A; λI] and c = (b, λ x0), x = K⁺c and K has full
-    # column rank, so ẋ = K⁺(ċ − K̇x) + (KᵀK)⁻¹K̇ᵀ(c − Kx) (Golub–Pereyra). Here
-    # ċ − K̇x = (ḃ − Ȧx, λẋ0 + λ̇(x0 − x)), K̇ᵀ(c − Kx) = Ȧᵀr + λλ̇(x0 − x), and
-    # (KᵀK)⁻¹g = M⁻¹g = K⁺(0, g/λ), which folds everything into ONE solve:
-    #     ẋ = K⁺(ḃ − Ȧx, λẋ0 + 2λ̇(x0 − x) + Ȧᵀr/λ).
-    # The Ȧᵀr/λ block is huge when λ ≪ ‖A‖ and r ≠ 0; the solver's relative
-    # tolerance then applies to it and M⁻¹Ȧᵀr loses about log10(‖A‖‖r‖/(λ‖·‖))
-    # digits. The guarded fallback computes M⁻¹Ȧᵀr = K⁺K⁺ᵀȦᵀr instead (two solves).
-
-    def augmented(self) -> lx.AbstractLinearOperator:
-        damp = self.damp
-        operator = self.operator
-        return lx.FunctionLinearOperator(
-            lambda v: (operator.mv(v), tree_scale(damp, v)), operator.in_structure()
-        )
-
-    def damped(self, t_operator, t_b, t_damp, t_x0):
-        damp = self.damp
-        in_struct = self.operator.in_structure()
-        top = _sum(t_b, self.minus_dmv(t_operator, self.x))
-        bottom = _sum(
-            tree_scale(damp, t_x0) if t_x0 is not None else None,
-            tree_scale(-2 * t_damp, self.difference()) if t_damp is not None else None,
-        )
-        if top is None:
-            top = tree_zeros(self.operator.out_structure())
-        if bottom is None:
-            bottom = tree_zeros(in_struct)
-        augmented = self.augmented()
-        if t_operator is None:
-            return self.solve(augmented, (top, bottom))
-        r = self.residual()
-        e = self.drmv(t_operator, r)
-
-        def closed_form(top, bottom, e):
-            safe = jnp.where(damp > 0, damp, 1)
-            return self.solve(
-                augmented, (top, tree_add(bottom, tree_scale(1 / safe, e)))
-            )
-
-        def fallback(top, bottom, e):
-            t_top, t_bottom = self.solve(augmented.transpose(), e)
-            return self.solve(
-                augmented, (tree_add(top, t_top), tree_add(bottom, t_bottom))
-            )
-
-        # Closed form when its error, ≈ tol·‖A‖‖r‖/(λ σ ‖x‖), is harmless: λ not small
-        # next to ‖A‖, or the residual small next to λ‖x‖ (nearly consistent).
-        tol = max(self.solver.atol, self.solver.btol, float(jnp.finfo(damp.dtype).eps))
-        norm_a = self.stats["norm_A"]
-        norm_r = tree_norm(r).astype(damp.dtype)
-        norm_d = tree_norm(self.difference()).astype(damp.dtype)
-        ok = (damp >= tol**0.25 * norm_a) | (norm_r <= damp * norm_d)
-        return jax.lax.cond(ok, closed_form, fallback, top, bottom, e)
-
-    # Undamped, λ = 0: x = x0 + A⁺(b − A x0) = A⁺b + (I − A⁺A)x0. From
-    # d(A⁺) = −A⁺ȦA⁺ + A⁺A⁺ᵀȦᵀ(I − AA⁺) + (I − A⁺A)ȦᵀA⁺ᵀA⁺ with d = x − x0:
-    #     ẋ = q + A⁺(ḃ − Ȧx − Aq + A⁺ᵀȦᵀr),   q = ẋ0 + ȦᵀA⁺ᵀd.
-    # Solves: A⁺ (per tangent), A⁺ᵀȦᵀr (per tangent; zero when A has full row
-    # rank, r = 0), and y = A⁺ᵀd (once; its term vanishes with full column rank,
-    # where A⁺A = I and the whole q-term cancels).
-
-    def undamped(self, t_operator, t_b, t_x0):
-        m = structure_size(self.operator.out_structure())
-        n = structure_size(self.operator.in_structure())
+    def tangent(self, t_operator, t_b, t_damp, t_x0):
+        A, damp = self.linear, self.damp
+        m = structure_size(A.out_structure())
+        n = structure_size(A.in_structure())
         full_rank = self.solver.assume_full_rank()
-        full_column_rank = full_rank and m >= n
-        full_row_rank = full_rank and m <= n
-        rhs = _sum(t_b, self.minus_dmv(t_operator, self.x))
-        transposed = self.rmv_operator() if t_operator is not None else None
-        q = None
-        if not full_column_rank:
-            q = t_x0
-            if t_operator is not None:
-                y = self.solve(transposed, self.difference())
-                q = _sum(q, self.drmv(t_operator, y))
-        if t_operator is not None and not full_row_rank:
-            e = self.drmv(t_operator, self.residual())
-            # When the forward solve certified a compatible system (istop 1 or 4),
-            # ‖r‖ ≤ btol‖b‖ + atol‖A‖‖x‖ and this term is no larger than the error
-            # of the solves themselves: skip its solve at run time.
-            istop = self.stats["istop"]
-            compatible = (istop == 1) | (istop == 4)
-            zeros = tree_zeros(self.operator.out_structure())
-            term = jax.lax.cond(
-                compatible,
-                lambda e: zeros,
-                lambda e: self.solve(transposed, e),
-                e,
-            )
-            rhs = _sum(rhs, term)
+        full_column = full_rank and m >= n
+        full_row = full_rank and m <= n
+        d = self.x if self.x0 is None else tree_sub(self.x, self.x0)
+
+        minus_dax = None if t_operator is None else _neg(self.dmv(t_operator, self.x))
+        top = [t_b, minus_dax]
+        q = [t_x0]
+        residual = []
+        if t_operator is not None or t_damp is not None:
+            r = tree_sub(self.b, A.mv(self.x)) if t_operator is not None else None
+            if full_column:
+                if t_operator is not None and not full_row:
+                    residual.append(self.drmv(t_operator, r))
+                if t_damp is not None:
+                    residual.append(tree_scale(-2 * damp * t_damp, d))
+            else:
+                rho = self.solve(_Stack(A, None).adjoint(), d, full_rank)
+                if t_damp is not None:
+                    top.append(tree_scale(-2 * damp * t_damp, rho))
+                if t_operator is not None:
+                    q.append(self.drmv(t_operator, rho))
+                if t_operator is not None and not full_row:
+                    r_perp = (
+                        r if damp is None else tree_sub(r, tree_scale(damp**2, rho))
+                    )
+                    residual.append(self.drmv(t_operator, self.certified(r_perp)))
+        bottom = None
+        residual = _sum(*residual)
+        if residual is not None:
+            # K⁺ᴴ for λ > 0 is full row rank.
+            solved = self.solve(_Stack(A, damp).adjoint(), residual, False)
+            if damp is None:
+                top.append(solved)
+            else:
+                top.append(solved[0])
+                bottom = solved[1]
+        q = _sum(*q)
+        if q is not None and full_column and damp is None:
+            q = None  # A⁺A = I: x0 has no effect, and neither has Ȧᴴρ.
         if q is not None:
-            rhs = _sum(rhs, _neg(self.mv(q)))
-        if rhs is None:
+            top.append(_neg(A.mv(q)))
+        top = _sum(*top)
+        if top is None and bottom is None:
             return q
-        return _sum(self.solve(self.operator, rhs), q)
+        if top is None:
+            top = tree_zeros(A.out_structure())
+        if damp is None:
+            vector = top
+        else:
+            vector = (top, tree_zeros(A.in_structure()) if bottom is None else bottom)
+        # K has full column rank for λ > 0; lineax may assume so only for a static λ.
+        k_full = full_column if damp is None else False
+        return _sum(self.solve(_Stack(A, damp), vector, k_full), q)
+
+    def certified(self, r_perp):
+        """`r⊥`, or zero where it is no larger than the forward solve's tolerance.
+
+        The computed `r = b − Ax` carries the forward solve's error `A(x̃ − x)`, of
+        size up to `btol‖b‖ + atol‖A‖‖x‖` (the compatible-system test). Where that is
+        all there is, the system is compatible to within the solve's tolerance and
+        `r⊥ = 0` (a backward-stable choice): the residual term, amplified by up to
+        1/λ² on null(A), would otherwise return that error as a derivative.
+        """
+        dtype = self.stats["norm_A"].dtype
+        eps = float(jnp.finfo(dtype).eps)
+        atol = max(float(self.solver.atol), eps)
+        btol = max(float(self.solver.btol), eps)
+        norm_b = tree_norm(self.b).astype(dtype)
+        bound = btol * norm_b + atol * self.stats["norm_A"] * self.stats["norm_x"]
+        negligible = tree_norm(r_perp).astype(dtype) <= bound
+        return tree_where(negligible, jtu.tree_map(jnp.zeros_like, r_perp), r_perp)
 
 
 # ---------------------------------------------------------------------------------
@@ -354,10 +411,10 @@ class _Rules(eqx.Module):
 
 
 @eqx.filter_jit
-def _lstsq(operator, vector, solver, damp, x0, preconditioner, throw, damped):
+def _lstsq(operator, vector, solver, damp, x0, preconditioner, throw, undamped):
     if preconditioner is None:
         x, istop, stats = _solution(
-            operator, vector, damp, x0, solver=solver, damped=damped, throw=throw
+            operator, vector, damp, x0, solver=solver, undamped=undamped, throw=throw
         )
     else:
         # Solve min ‖A N y − (b − A x0)‖² + λ²‖y‖², then x = x0 + N y. Derivatives
@@ -369,7 +426,7 @@ def _lstsq(operator, vector, solver, damp, x0, preconditioner, throw, damped):
             damp,
             None,
             solver=solver,
-            damped=damped,
+            undamped=undamped,
             throw=throw,
         )
         x = preconditioner.mv(y)
@@ -414,13 +471,13 @@ def lstsq(
 
     - `operator`: $A$, any `lineax.AbstractLinearOperator` (matrix, function,
         Jacobian, pytree, composed, ...) or a 2-D array. Its input and output
-        structures may be arbitrary pytrees; real or complex (complex inputs are
-        solved, but not differentiated).
+        structures may be arbitrary pytrees; real or complex.
     - `vector`: $b$, a pytree with the structure, shapes and dtypes of
         `operator.out_structure()`.
     - `solver`: `LSMR()` (default) or `LSQR()`, with the stopping tolerances. The
         solves inside derivatives reuse it.
-    - `damp`: $\lambda \ge 0$, a real scalar (may be traced).
+    - `damp`: $\lambda \ge 0$, a real scalar (may be traced: a traced negative or
+        NaN value is invalid input, reported as `RESULTS.nonfinite_input`).
     - `x0`: $x_0$, a pytree like `operator.in_structure()`, or `None` for zero.
     - `preconditioner`: a lineax operator $N$ (from the input space of $A$ to itself)
         applied on the right: the solver minimises
@@ -466,9 +523,10 @@ def lstsq(
                     f"is {in_struct}."
                 )
     _, rdtype = scalar_dtypes(in_struct, out_struct)
-    # Which derivative rule applies is static when `damp` is a concrete number.
+    # A concrete zero `damp` drops the λ-blocks from the derivative rule (statically);
+    # any other value, traced or not, runs the same rule.
     checked = _check_damp(damp, rdtype)
-    damped: Literal[True, False] | None
-    damped = None if isinstance(damp, Tracer) else bool(np.asarray(damp) > 0)
-    damp = checked
-    return _lstsq(operator, vector, solver, damp, x0, preconditioner, throw, damped)
+    undamped = not isinstance(damp, Tracer) and not bool(np.asarray(damp) > 0)
+    return _lstsq(
+        operator, vector, solver, checked, x0, preconditioner, throw, undamped
+    )

@@ -26,7 +26,8 @@ class Solution(eqx.Module):
         - `istop`: SciPy's stopping code (0 the zero solution is exact, 1 compatible
           system solved to `atol`/`btol`, 2 least-squares solution to `atol`, 3
           condition limit, 4–6 the same three tests at machine precision, 7 step
-          limit; -1 non-finite input);
+          limit; -1 invalid input: NaN or inf, or a negative `damp`, and then
+          `value` is NaN);
         - `norm_r`: estimate of $\\sqrt{\\|b - Ax\\|^2 + \\lambda^2\\|x - x_0\\|^2}$;
         - `norm_Ar`: estimate of $\\|A^\\mathsf{H}(b - Ax) - \\lambda^2 (x - x_0)\\|$;
         - `norm_A`: estimate of the Frobenius norm of $A$ (LSQR: of $[A; \\lambda I]$);
@@ -103,9 +104,10 @@ def error_messages(solver_name: str, context: str = "") -> tuple[str, ...]:
         f"operator exceeded `conlim`{where}. The problem is too ill-conditioned for "
         "the requested accuracy: increase `conlim`, add damping (`damp > 0`), or pass "
         "`throw=False` to accept the iterate.",
-        f"{solver_name} found NaN or inf in its inputs{where}: the vector, `x0`, "
-        "`damp` or the operator's output is not finite. Check the inputs, or pass "
-        "`throw=False` to get `RESULTS.nonfinite_input` without raising.",
+        f"{solver_name} found invalid input{where}: the vector, `x0`, `damp` or the "
+        "operator's output holds NaN or inf, or `damp` is negative. Check the "
+        "inputs, or pass `throw=False` to get `RESULTS.nonfinite_input` (and a NaN "
+        "solution) without raising.",
     )
 
 

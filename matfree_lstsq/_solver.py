@@ -85,7 +85,9 @@ def start(problem: Problem, rdtype) -> Start:
     # SciPy: when β₁ = 0 there is no Krylov space, v = 0 and α₁ = 0.
     v = tree_where(beta > 0, v, tree_zeros(problem.in_structure))
     alpha = jnp.where(beta > 0, alpha, 0)
+    # A traced `damp` is checked here: negative or NaN is invalid input (istop -1).
     finite = jnp.isfinite(beta) & jnp.isfinite(alpha) & jnp.isfinite(problem.damp)
+    finite = finite & (problem.damp >= 0)
     if problem.x0 is not None:
         finite = finite & jnp.isfinite(tree_norm(problem.x0))
     # With b = 0 but A x0 ≠ 0 SciPy's relative tests divide by zero; measure them

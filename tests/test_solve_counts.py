@@ -1,4 +1,5 @@
-"""The number of Krylov solves per derivative is a published property (DESIGN.md §4).
+"""The number of Krylov solves per derivative is a published property
+(docs/derivatives.md).
 
 Counted structurally on jaxprs: a `while` equation is this package's forward solve,
 a `linear_solve` equation is a lineax solve made by a derivative rule. A `cond`
@@ -7,14 +8,15 @@ counts, one per execution path. Every path must make exactly one forward solve; 
 extra solves are, for a JVP and equally for a VJP (which JAX derives by transposing
 the JVP, one solve for one solve):
 
-- damped (λ > 0): 1 with respect to b, x0 or λ; 1 or 2 with respect to A (closed
-  form, or the guarded fallback for tiny λ);
-- undamped: 1 with respect to b; 3 with respect to A (rank-deficient A needs every
-  Golub–Pereyra term); with `full_rank=True`, 2 with respect to A when tall or wide
-  and 1 when square. The solve for the residual term A⁺ᵀȦᵀr is skipped at run time
-  when the forward solve certified a compatible system (r ≈ 0), so where that term
-  exists (A not declared full row rank) the path set is {3, 2}, or {2, 1} for a
-  tall `full_rank=True` operator.
+- with respect to b or x0 only: 1, for every λ ≥ 0;
+- with respect to A: 3 (ρ = A⁺ᴴ(x − x0), shared by all tangents; the residual
+  term's solve with Kᴴ; the outer solve with K = [A; λI]), for every λ ≥ 0 and every
+  rank; with `full_rank=True`, 2 when tall or wide and 1 when square;
+- with respect to a traced λ: 2 (ρ and the outer solve).
+
+There is no run-time choice between rules any more: every path count is one
+number. (A residual-term solve whose right-hand side is certified zero still
+appears, and exits at step 0.)
 
 Only `make_jaxpr` runs here: nothing is compiled.
 """
@@ -148,29 +150,35 @@ def _counts(mode, solver, shape, wrt, damp):
 
 # (shape, full_rank, damp, wrt, expected extra solves)
 CASES = [
-    # Damped: one solve, or two on the guarded-fallback path when A moves.
+    # One solve with respect to b or x0, whatever the damping.
     ("tall", False, 0.5, ("b",), {1}),
     ("wide", False, 0.5, ("b",), {1}),
     ("tall", False, 0.5, ("x0",), {1}),
-    ("tall", False, 0.5, ("A",), {1, 2}),
-    ("wide", False, 0.5, ("A",), {1, 2}),
-    ("square", False, 0.5, ("A",), {1, 2}),
-    ("tall", False, 0.5, ("A", "b", "x0"), {1, 2}),
-    ("wide", True, 0.5, ("A",), {1, 2}),
-    # λ traced: the rule is chosen at run time; still one solve for b, x0 and λ.
-    ("tall", False, "traced", ("b", "x0", "damp"), {1}),
+    # With respect to A: ρ = A⁺ᴴ(x − x0) (shared by all tangents), the residual
+    # term's solve with Kᴴ, and the outer solve with K.
+    ("tall", False, 0.5, ("A",), {3}),
+    ("wide", False, 0.5, ("A",), {3}),
+    ("square", False, 0.5, ("A",), {3}),
+    ("tall", False, 0.5, ("A", "b", "x0"), {3}),
+    # Full row rank declared: no residual term.
+    ("wide", True, 0.5, ("A",), {2}),
+    # Full column rank declared: no ρ (the residual term carries Ȧᴴr).
+    ("tall", True, 0.5, ("A",), {2}),
+    # λ traced: the same rule as a concrete λ > 0; λ̇ needs ρ.
+    ("tall", False, "traced", ("b", "x0", "damp"), {2}),
+    ("tall", False, "traced", ("A", "b", "x0", "damp"), {3}),
+    ("tall", True, "traced", ("damp",), {2}),
     # Undamped, no rank assumption.
     ("tall", False, 0.0, ("b",), {1}),
     ("wide", False, 0.0, ("b",), {1}),
-    # Undamped with respect to A: 3, or 2 when the residual-term solve is skipped.
-    ("tall", False, 0.0, ("A",), {2, 3}),
-    ("wide", False, 0.0, ("A",), {2, 3}),
-    ("square", False, 0.0, ("A",), {2, 3}),
-    ("wide", False, 0.0, ("A", "b"), {2, 3}),
+    ("tall", False, 0.0, ("A",), {3}),
+    ("wide", False, 0.0, ("A",), {3}),
+    ("square", False, 0.0, ("A",), {3}),
+    ("wide", False, 0.0, ("A", "b"), {3}),
     ("wide", False, 0.0, ("x0",), {1}),
     # Undamped, full_rank=True.
-    ("tall", True, 0.0, ("A",), {1, 2}),  # the residual-term solve may be skipped
-    ("wide", True, 0.0, ("A",), {2}),  # full row rank: no residual term
+    ("tall", True, 0.0, ("A",), {2}),  # residual term and outer solve
+    ("wide", True, 0.0, ("A",), {2}),  # ρ and outer solve
     ("square", True, 0.0, ("A",), {1}),
     ("tall", True, 0.0, ("b",), {1}),
     ("wide", True, 0.0, ("b",), {1}),
@@ -197,9 +205,9 @@ def test_solve_counts(case, mode):
 @pytest.mark.parametrize(
     "case",
     [
-        ("tall", False, 0.5, ("A",), {1, 2}),
-        ("wide", False, 0.0, ("A",), {2, 3}),
-        ("tall", True, 0.0, ("A",), {1, 2}),
+        ("tall", False, 0.5, ("A",), {3}),
+        ("wide", False, 0.0, ("A",), {3}),
+        ("tall", True, 0.0, ("A",), {2}),
         ("square", False, 0.0, ("b",), {1}),
     ],
     ids=_case_id,
