@@ -231,8 +231,8 @@ def _neg(x):
 
 
 @eqx.filter_custom_jvp
-def _solution(operator, vector, damp, x0, *, solver, undamped, throw):
-    del undamped, throw
+def _solution(operator, vector, damp, x0, *, solver, damping, throw):
+    del damping, throw
     x, istop, stats = solve(solver, operator, vector, damp=damp, x0=x0)
     # Invalid input (NaN or inf, a negative `damp`) gives NaN, never a clean number.
     x = tree_where(istop == ISTOP_NONFINITE, _nan_like(x), x)
@@ -240,12 +240,10 @@ def _solution(operator, vector, damp, x0, *, solver, undamped, throw):
 
 
 @_solution.def_jvp
-def _solution_jvp(primals, tangents, *, solver, undamped, throw):
+def _solution_jvp(primals, tangents, *, solver, damping, throw):
     operator, b, damp, x0 = primals
     t_operator, t_b, t_damp, t_x0 = tangents
-    out = _solution(
-        operator, b, damp, x0, solver=solver, undamped=undamped, throw=throw
-    )
+    out = _solution(operator, b, damp, x0, solver=solver, damping=damping, throw=throw)
     x, istop, stats = out
     no_stats = jtu.tree_map(lambda _: None, stats)
     if not (_any(t_operator) or _any(t_b) or _any(t_damp) or _any(t_x0)):
@@ -254,16 +252,17 @@ def _solution_jvp(primals, tangents, *, solver, undamped, throw):
         operator,
         lx.linearise(operator),
         b,
-        None if undamped else damp,
+        None if damping == "zero" else damp,
         x0,
         x,
         stats,
         solver,
         throw,
+        damping == "positive",
     )
     t_operator = _materialise(t_operator, operator) if _any(t_operator) else None
     t_b = _materialise(t_b, b) if _any(t_b) else None
-    t_damp = t_damp if (_any(t_damp) and not undamped) else None
+    t_damp = t_damp if (_any(t_damp) and damping == "traced") else None
     t_x0 = _materialise(t_x0, x0) if (_any(t_x0) and x0 is not None) else None
     t_x = rules.tangent(t_operator, t_b, t_damp, t_x0)
     if t_x is None:
@@ -292,6 +291,9 @@ class _Rules(eqx.Module):
     stats: dict
     solver: AbstractLeastSquaresSolver
     throw: bool = eqx.field(static=True)
+    # λ is a concrete positive number, so K = [A; λI] has full column rank: lineax's
+    # own rules (second order) may assume so. (Not for a traced λ, which may be 0.)
+    positive_damp: bool = eqx.field(static=True)
 
     def _jvp(self, fn, t_operator):
         out, t_out = eqx.filter_jvp(fn, (self.operator,), (t_operator,))
@@ -361,8 +363,7 @@ class _Rules(eqx.Module):
         bottom = None
         residual = _sum(*residual)
         if residual is not None:
-            # K⁺ᴴ for λ > 0 is full row rank.
-            solved = self.solve(_Stack(A, damp).adjoint(), residual, False)
+            solved = self.solve(_Stack(A, damp).adjoint(), residual, self.positive_damp)
             if damp is None:
                 top.append(solved)
             else:
@@ -382,8 +383,7 @@ class _Rules(eqx.Module):
             vector = top
         else:
             vector = (top, tree_zeros(A.in_structure()) if bottom is None else bottom)
-        # K has full column rank for λ > 0; lineax may assume so only for a static λ.
-        k_full = full_column if damp is None else False
+        k_full = full_column if damp is None else self.positive_damp
         return _sum(self.solve(_Stack(A, damp), vector, k_full), q)
 
     def certified(self, r_perp):
@@ -411,10 +411,10 @@ class _Rules(eqx.Module):
 
 
 @eqx.filter_jit
-def _lstsq(operator, vector, solver, damp, x0, preconditioner, throw, undamped):
+def _lstsq(operator, vector, solver, damp, x0, preconditioner, throw, damping):
     if preconditioner is None:
         x, istop, stats = _solution(
-            operator, vector, damp, x0, solver=solver, undamped=undamped, throw=throw
+            operator, vector, damp, x0, solver=solver, damping=damping, throw=throw
         )
     else:
         # Solve min ‖A N y − (b − A x0)‖² + λ²‖y‖², then x = x0 + N y. Derivatives
@@ -426,7 +426,7 @@ def _lstsq(operator, vector, solver, damp, x0, preconditioner, throw, undamped):
             damp,
             None,
             solver=solver,
-            undamped=undamped,
+            damping=damping,
             throw=throw,
         )
         x = preconditioner.mv(y)
@@ -526,7 +526,8 @@ def lstsq(
     # A concrete zero `damp` drops the λ-blocks from the derivative rule (statically);
     # any other value, traced or not, runs the same rule.
     checked = _check_damp(damp, rdtype)
-    undamped = not isinstance(damp, Tracer) and not bool(np.asarray(damp) > 0)
-    return _lstsq(
-        operator, vector, solver, checked, x0, preconditioner, throw, undamped
-    )
+    if isinstance(damp, Tracer):
+        damping = "traced"
+    else:
+        damping = "positive" if bool(np.asarray(damp) > 0) else "zero"
+    return _lstsq(operator, vector, solver, checked, x0, preconditioner, throw, damping)

@@ -389,10 +389,79 @@ def test_complex_derivatives(shape, damped):
     tol = 1e-9
     assert rel_err(got[0], want[0]) <= tol
     assert rel_err(got[1], want[1]) <= tol
+    # Relative to all cotangents together: ∂x/∂x0 is zero for a tall full-rank A.
+    scale = np.sqrt(sum(np.linalg.norm(np.asarray(w)) ** 2 for w in want[2]))
     for g, w in zip(got[2], want[2]):
-        assert rel_err(g, w) <= tol
+        assert np.linalg.norm(np.asarray(g) - np.asarray(w)) <= tol * scale
     loss = lambda A: jnp.real(jnp.vdot(fn(A, *primals[1:]), fn(A, *primals[1:])))
     loss_oracle = lambda A: jnp.real(
         jnp.vdot(oracle(A, *primals[1:]), oracle(A, *primals[1:]))
     )
     assert rel_err(jax.jit(jax.grad(loss))(A), jax.grad(loss_oracle)(A)) <= tol
+
+
+# ---------------------------------------------------------------------------------
+# Every mode, λ traced and concrete, at small damping with a null space
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["concrete", "traced"])
+def test_every_mode_small_damping_wide(traced):
+    """A 6 × 15 operator (a 9-dimensional null space) at λ = 1e-6‖A‖ with a loss
+    of x: jvp, vjp, jacfwd, jacrev, hessian and grad of grad with respect to A (and
+    b), against the wide oracle; λ concrete or an argument of the jitted function
+    (which at 9df3ec0 failed to trace for second order)."""
+    rng = np.random.default_rng(11)
+    A = jnp.asarray(rng.standard_normal((6, 15)))
+    b = jnp.asarray(rng.standard_normal(6))
+    E = jnp.asarray(rng.standard_normal((6, 15)))
+    lam = 1e-6 * float(jnp.linalg.norm(A, 2))
+    solver = mfl.LSMR(atol=1e-10, btol=1e-10, max_steps=200)
+
+    def x_of(theta, d, oracle=False):
+        A_ = A + theta[0] * E
+        b_ = b * (1 + theta[1])
+        if oracle:
+            return wide_oracle(A_, b_, d)
+        return mfl.lstsq(A_, b_, solver, damp=d).value
+
+    def loss(theta, d, oracle=False):
+        return jnp.sum(jnp.sin(x_of(theta, d, oracle)))
+
+    theta = jnp.asarray([0.1, -0.2])
+    d = jnp.asarray(lam)
+
+    def run(fn, oracle_fn, *args):
+        if traced:
+            got = jax.jit(fn)(theta, d, *args)
+        else:
+            got = jax.jit(lambda t, *a: fn(t, lam, *a))(theta, *args)
+        return got, oracle_fn(theta, d, *args)
+
+    tangent = jnp.asarray([0.3, 0.7])
+    cases = {
+        "jvp": lambda f: lambda t, d_: jax.jvp(lambda t: f(t, d_), (t,), (tangent,))[1],
+        "vjp": lambda f: (
+            lambda t, d_: jax.vjp(lambda t: f(t, d_), t)[1](jnp.ones(15))[0]
+        ),
+        "jacfwd": lambda f: lambda t, d_: jax.jacfwd(f)(t, d_),
+        "jacrev": lambda f: lambda t, d_: jax.jacrev(f)(t, d_),
+    }
+    bound = 100 * 1e-10 * _cond(A) ** 2
+    for name, make in cases.items():
+        got, want = run(make(x_of), make(lambda t, d_: x_of(t, d_, True)))
+        assert rel_err(got, want) <= bound, name
+    second = {
+        "hessian": lambda f: lambda t, d_: jax.hessian(f)(t, d_),
+        "grad_of_grad": lambda f: (
+            lambda t, d_: jax.grad(lambda t: jnp.sum(jax.grad(f)(t, d_) ** 2))(t)
+        ),
+    }
+    # Second order differentiates the rule's own solves with lineax's rule, which
+    # forms their least-squares residuals: at small λ on a null space that costs
+    # ~tol·‖A‖/λ (measured 5.0e-5, λ concrete and traced alike). A known limit,
+    # stated in docs/derivatives.md.
+    bound += 10 * 1e-10 / 1e-6
+    for name, make in second.items():
+        got, want = run(make(loss), make(lambda t, d_: loss(t, d_, True)))
+        assert rel_err(got, want) <= bound, name
