@@ -215,11 +215,14 @@ def test_second_derivative_in_damp_at_zero():
     U, s, _ = np.linalg.svd(np.asarray(A), full_matrices=False)
     c = U.T @ np.asarray(b)
     want = -4 * np.sum(c**2 / s**4)
-    got = jax.jit(jax.hessian(f))(0.0)
-    assert abs(float(got) - want) <= 1e-8 * abs(want)
-    # And forward over forward, reverse over reverse agree.
-    assert abs(float(jax.jit(jax.grad(jax.grad(f)))(0.0)) - want) <= 1e-8 * abs(want)
-    assert float(jax.jit(jax.grad(f))(0.0)) == 0.0
+    # Forward over reverse (hessian), reverse over reverse, and the first derivative.
+    both = jax.jit(
+        lambda d: (jax.hessian(f)(d), jax.grad(jax.grad(f))(d), jax.grad(f)(d))
+    )
+    hessian, grad_grad, grad = both(0.0)
+    assert abs(float(hessian) - want) <= 1e-8 * abs(want)
+    assert abs(float(grad_grad) - want) <= 1e-8 * abs(want)
+    assert float(grad) == 0.0
 
 
 # ---------------------------------------------------------------------------------
@@ -429,39 +432,33 @@ def test_every_mode_small_damping_wide(traced):
         return jnp.sum(jnp.sin(x_of(theta, d, oracle)))
 
     theta = jnp.asarray([0.1, -0.2])
-    d = jnp.asarray(lam)
-
-    def run(fn, oracle_fn, *args):
-        if traced:
-            got = jax.jit(fn)(theta, d, *args)
-        else:
-            got = jax.jit(lambda t, *a: fn(t, lam, *a))(theta, *args)
-        return got, oracle_fn(theta, d, *args)
-
     tangent = jnp.asarray([0.3, 0.7])
-    cases = {
-        "jvp": lambda f: lambda t, d_: jax.jvp(lambda t: f(t, d_), (t,), (tangent,))[1],
-        "vjp": lambda f: (
-            lambda t, d_: jax.vjp(lambda t: f(t, d_), t)[1](jnp.ones(15))[0]
-        ),
-        "jacfwd": lambda f: lambda t, d_: jax.jacfwd(f)(t, d_),
-        "jacrev": lambda f: lambda t, d_: jax.jacrev(f)(t, d_),
-    }
+
+    def modes(t, d_, oracle=False):
+        x = lambda t: x_of(t, d_, oracle)
+        f = lambda t: loss(t, d_, oracle)
+        return {
+            "jvp": jax.jvp(x, (t,), (tangent,))[1],
+            "vjp": jax.vjp(x, t)[1](jnp.ones(15))[0],
+            "jacfwd": jax.jacfwd(x)(t),
+            "jacrev": jax.jacrev(x)(t),
+            "hessian": jax.hessian(f)(t),
+            "grad_of_grad": jax.grad(lambda t: jnp.sum(jax.grad(f)(t) ** 2))(t),
+        }
+
+    # One program for all six modes (they share the forward solve).
+    if traced:
+        got = jax.jit(modes)(theta, jnp.asarray(lam))
+    else:
+        got = jax.jit(lambda t: modes(t, lam))(theta)
+    want = modes(theta, jnp.asarray(lam), oracle=True)
     bound = 100 * 1e-10 * _cond(A) ** 2
-    for name, make in cases.items():
-        got, want = run(make(x_of), make(lambda t, d_: x_of(t, d_, True)))
-        assert rel_err(got, want) <= bound, name
-    second = {
-        "hessian": lambda f: lambda t, d_: jax.hessian(f)(t, d_),
-        "grad_of_grad": lambda f: (
-            lambda t, d_: jax.grad(lambda t: jnp.sum(jax.grad(f)(t, d_) ** 2))(t)
-        ),
-    }
     # Second order differentiates the rule's own solves with lineax's rule, which
     # forms their least-squares residuals: at small λ on a null space that costs
     # ~tol·‖A‖/λ (measured 5.0e-5, λ concrete and traced alike). A known limit,
     # stated in docs/derivatives.md.
-    bound += 10 * 1e-10 / 1e-6
-    for name, make in second.items():
-        got, want = run(make(loss), make(lambda t, d_: loss(t, d_, True)))
-        assert rel_err(got, want) <= bound, name
+    bound2 = bound + 10 * 1e-10 / 1e-6
+    for name in ("jvp", "vjp", "jacfwd", "jacrev"):
+        assert rel_err(got[name], want[name]) <= bound, name
+    for name in ("hessian", "grad_of_grad"):
+        assert rel_err(got[name], want[name]) <= bound2, name
