@@ -3,7 +3,7 @@
 For each problem and library, in one process: the time of the value `x(θ, b)`, the
 time of value + gradient of `⟨c, x⟩` with respect to the operator's parameters and
 `b`, their ratio, and the number of Krylov solves in the differentiated program
-(counted in its jaxpr; a `cond` between a closed form and a fallback gives a range).
+(counted in its jaxpr; a `cond` between branches gives a range).
 
     python benchmarks/gradients.py            # full size (a few minutes)
     python benchmarks/gradients.py --small    # smoke test

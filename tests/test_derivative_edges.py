@@ -93,10 +93,11 @@ TIGHT = mfl.LSMR(atol=1e-14, btol=1e-14, conlim=1e20, max_steps=200)
 @pytest.mark.parametrize("relative", [1e-4, 1e-8])
 def test_rank_deficient_damped_jacrev(relative):
     """A = C[:, [0, 1, 2, 0, 1, 2]] (10 × 6, rank 3), an inconsistent b, tiny λ and
-    conlim raised: jacrev was off by 22% (lineax transposed the stacked solve into
-    the wide `[Aᵀ, λI]`, whose `w_null/λ` block swamped the gradient block). The
-    Jacobian is of size ~‖b‖/λ² (1e15 at 1e-8), and both modes now agree with the
-    QR oracle to ≤ 1e-6 (measured ≤ 3e-15 in reverse mode, 2e-7 forward at 1e-8)."""
+    conlim raised, the outside review's case (it reported jacrev 22% off; against the
+    QR oracle, 9df3ec0 passes this configuration too, so this guards the new rule's
+    transposed solve rather than reproducing that figure). The Jacobian is of size
+    ~‖b‖/λ² (1e15 at 1e-8); both modes agree with the oracle to ≤ 1e-6 (measured
+    ≤ 3e-15 in reverse mode, 2e-7 forward at 1e-8)."""
     rng = np.random.default_rng(0)
     C = jnp.asarray(rng.standard_normal((10, 3)))
     A = C[:, jnp.asarray([0, 1, 2, 0, 1, 2])]
@@ -154,8 +155,9 @@ def _mp_vjp(A, b, damp, ct, digits=60):
 
 def test_rank_one_damped_vjp():
     """The property test's shrunk counterexample of the outside review: 4 × 4 of rank
-    1 at λ = 1e-6‖A‖ (VJP error 2.1e-5, value error 2e-15), against a 60-digit
-    oracle for the float64 matrix as given. Ā (of size ‖b‖/λ²) is within 1e-8
+    1 at λ = 1e-6‖A‖ (it reported a VJP error of 2.1e-5), against a 60-digit oracle
+    for the float64 matrix as given (9df3ec0 also passes these bounds; the QR oracle
+    is itself 8e-6 off in b̄). Ā (of size ‖b‖/λ²) is within 1e-8
     (measured 1e-15). b̄ = (AAᵀ + λ²I)⁻¹A x̄ is itself that sensitive to A: the
     rounded rank-one matrix has singular values ~εσ₁, each moving b̄ by ~εσ₁/λ²,
     so no float64 method can promise more than ~10ε(σ₁/λ)² = 2e-3 (measured 1.4e-6;
