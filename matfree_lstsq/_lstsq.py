@@ -318,14 +318,17 @@ class _Rules(eqx.Module):
     # Differentiating the normal equations Aᴴr = λ²d (for λ = 0 the pseudo-inverse,
     # Golub and Pereyra 1973) gives, for every rank,
     #     M ẋ = Aᴴ(ḃ − Ȧx) + λ²ẋ0 + Ȧᴴr − 2λλ̇d.                                 (1)
-    # Write r = λ²ρ + r⊥ with ρ = A⁺ᴴd (so Aᴴρ = d) and r⊥ the part of r in
-    # null(Aᴴ) (exactly so at the solution). Then (1) is
-    #     ẋ = q + K⁺(ḃ − Ȧx − 2λλ̇ρ − Aq + p, g),  q = ẋ0 + Ȧᴴρ,  (p, g) = K⁺ᴴȦᴴr⊥,
+    # Take (ρ, g_ρ) = K⁺ᴴd, so ρ = (AAᴴ + λ²I)⁻¹Ad and Aᴴρ = d − e, e = λg_ρ
+    # (for λ = 0, ρ = A⁺ᴴd and e = 0), and write r = λ²ρ + r⊥ (r⊥ is about the part
+    # of r in null(Aᴴ) when λ ≪ σ). Then (1) is
+    #     ẋ = q + K⁺(ḃ − Ȧx − 2λλ̇ρ − Aq + p, g − 2λ̇e),  q = ẋ0 + Ȧᴴρ,
+    #     (p, g) = K⁺ᴴȦᴴr⊥,
     # the "x0 form" q + K⁺(c − Aq, 0) = M⁻¹(Aᴴc + λ²q) carrying q. Nothing is divided
-    # by λ: the λ̇ block is −2λλ̇ρ, of its own size, and the only large block, g,
-    # is λM⁻¹Ȧᴴr⊥, which K⁺ multiplies by λ again. For λ = 0 this is Golub–Pereyra's
-    # ẋ = q + A⁺(ḃ − Ȧx − Aq + A⁺ᴴȦᴴr). Solves: ρ (one, shared by all tangents),
-    # K⁺ᴴ for the residual term, and the outer K⁺. With full column rank declared,
+    # by λ: the λ̇ blocks are −2λλ̇ρ and −2λ̇e, of their own size, and the only large
+    # block, g, is λM⁻¹Ȧᴴr⊥, which K⁺ multiplies by λ again. For λ = 0 this is
+    # Golub–Pereyra's ẋ = q + A⁺(ḃ − Ȧx − Aq + A⁺ᴴȦᴴr). Solves: ρ (one, shared by
+    # all tangents, damped like the forward solve), K⁺ᴴ for the residual term, and
+    # the outer K⁺. With full column rank declared,
     # M⁻¹ has no null space to amplify the forward solve's error in r, and (1) is
     # ẋ = ẋ0 + K⁺(ḃ − Ȧx − Aẋ0 + p, g) with (p, g) = K⁺ᴴ(Ȧᴴr − 2λλ̇d): no ρ.
 
@@ -341,6 +344,7 @@ class _Rules(eqx.Module):
         minus_dax = None if t_operator is None else _neg(self.dmv(t_operator, self.x))
         top = [t_b, minus_dax]
         q = [t_x0]
+        bottom = []
         residual = []
         if t_operator is not None or t_damp is not None:
             r = tree_sub(self.b, A.mv(self.x)) if t_operator is not None else None
@@ -350,9 +354,24 @@ class _Rules(eqx.Module):
                 if t_damp is not None:
                     residual.append(tree_scale(-2 * damp * t_damp, d))
             else:
-                rho = self.solve(_Stack(A, None).adjoint(), d, full_rank)
+                if damp is None:
+                    rho = self.solve(_Stack(A, None).adjoint(), d, full_rank)
+                else:
+                    # ρ from a damped solve, as well conditioned as the forward one;
+                    # Aᴴρ = d − e with e = λg = λ²M⁻¹d (zero at λ = 0).
+                    rho, g_rho = self.solve(
+                        _Stack(A, damp).adjoint(), d, self.positive_damp
+                    )
                 if t_damp is not None:
                     top.append(tree_scale(-2 * damp * t_damp, rho))
+                    if damp is not None:
+                        # e = λg_ρ is known to ~tol‖d‖ (the solve's accuracy); below
+                        # that it is rounding, whose null-space part K⁺ would
+                        # multiply by 1/λ: drop it.
+                        e = tree_scale(damp, g_rho)
+                        bound = self._tol("atol") * tree_norm(d).astype(damp.dtype)
+                        g_rho = _drop_below(g_rho, tree_norm(e), bound)
+                        bottom.append(tree_scale(-2 * damp * t_damp, g_rho))
                 if t_operator is not None:
                     q.append(self.drmv(t_operator, rho))
                 if t_operator is not None and not full_row:
@@ -360,7 +379,6 @@ class _Rules(eqx.Module):
                         r if damp is None else tree_sub(r, tree_scale(damp**2, rho))
                     )
                     residual.append(self.drmv(t_operator, self.certified(r_perp)))
-        bottom = None
         residual = _sum(*residual)
         if residual is not None:
             solved = self.solve(_Stack(A, damp).adjoint(), residual, self.positive_damp)
@@ -368,7 +386,8 @@ class _Rules(eqx.Module):
                 top.append(solved)
             else:
                 top.append(solved[0])
-                bottom = solved[1]
+                bottom.append(solved[1])
+        bottom = _sum(*bottom)
         q = _sum(*q)
         if q is not None and full_column and damp is None:
             q = None  # A⁺A = I: x0 has no effect, and neither has Ȧᴴρ.
@@ -386,6 +405,10 @@ class _Rules(eqx.Module):
         k_full = full_column if damp is None else self.positive_damp
         return _sum(self.solve(_Stack(A, damp), vector, k_full), q)
 
+    def _tol(self, name: str) -> float:
+        eps = float(jnp.finfo(self.stats["norm_A"].dtype).eps)
+        return max(float(getattr(self.solver, name)), eps)
+
     def certified(self, r_perp):
         """`r⊥`, or zero where it is no larger than the forward solve's tolerance.
 
@@ -396,13 +419,17 @@ class _Rules(eqx.Module):
         1/λ² on null(A), would otherwise return that error as a derivative.
         """
         dtype = self.stats["norm_A"].dtype
-        eps = float(jnp.finfo(dtype).eps)
-        atol = max(float(self.solver.atol), eps)
-        btol = max(float(self.solver.btol), eps)
         norm_b = tree_norm(self.b).astype(dtype)
-        bound = btol * norm_b + atol * self.stats["norm_A"] * self.stats["norm_x"]
-        negligible = tree_norm(r_perp).astype(dtype) <= bound
-        return tree_where(negligible, jtu.tree_map(jnp.zeros_like, r_perp), r_perp)
+        bound = (
+            self._tol("btol") * norm_b
+            + self._tol("atol") * self.stats["norm_A"] * self.stats["norm_x"]
+        )
+        return _drop_below(r_perp, tree_norm(r_perp).astype(dtype), bound)
+
+
+def _drop_below(x, norm, bound):
+    """`x`, or zeros where `norm <= bound` (a `where`, not a branch)."""
+    return tree_where(norm <= bound, jtu.tree_map(jnp.zeros_like, x), x)
 
 
 # ---------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ condition limit and raise (`throw=True`): that is allowed only where `σ₁/λ` 
 the condition limit's neighbourhood (> 1e6).
 """
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,7 +97,7 @@ def check(shape_index, rank_fraction, cond, damp_index, nonzero_x0, seed):
     try:
         got = _derivatives(primals, (dA, db, dx0, ddamp), jnp.asarray(cotangent))
         got = jax.block_until_ready(got)
-    except eqx.EquinoxRuntimeError as e:
+    except Exception as e:  # EquinoxRuntimeError, surfacing from `jax.jit`
         assert "condition number" in str(e) and lam > 0 and s[0] / lam > 1e6, str(e)
         return
     value, tangent, (A_bar, b_bar, x0_bar, damp_bar) = got
