@@ -38,6 +38,7 @@ from ._solution import (
     ISTOP_NONFINITE,
     RESULTS,
     Solution,
+    compatible,
     error_messages,
     failed,
     istop_to_result,
@@ -129,7 +130,10 @@ def _propagate_nan(vector, out):
     Linear in `(vector, out)`, so JAX transposes it too: a NaN cotangent gives a NaN
     gradient, never a clean zero. (XLA does not fold `0·v` to 0 for floats.)
     """
-    total = sum(jnp.sum(jnp.real(leaf)) for leaf in jtu.tree_leaves(vector))
+    sums = [jnp.sum(jnp.real(leaf)) for leaf in jtu.tree_leaves(vector)]
+    total = sums[0]
+    for term in sums[1:]:
+        total = total + term.astype(total.dtype)
     return jtu.tree_map(lambda leaf: leaf + (0 * total).astype(leaf.dtype), out)
 
 
@@ -352,8 +356,10 @@ class _Rules(eqx.Module):
                 if t_operator is not None and not full_row:
                     residual.append(self.drmv(t_operator, r))
                 if t_damp is not None:
+                    assert damp is not None  # a traced λ is never a static zero
                     residual.append(tree_scale(-2 * damp * t_damp, d))
             else:
+                g_rho = None
                 if damp is None:
                     rho = self.solve(_Stack(A, None).adjoint(), d, full_rank)
                 else:
@@ -363,15 +369,15 @@ class _Rules(eqx.Module):
                         _Stack(A, damp).adjoint(), d, self.positive_damp
                     )
                 if t_damp is not None:
+                    assert damp is not None and g_rho is not None
                     top.append(tree_scale(-2 * damp * t_damp, rho))
-                    if damp is not None:
-                        # e = λg_ρ is known to ~tol‖d‖ (the solve's accuracy); below
-                        # that it is rounding, whose null-space part K⁺ would
-                        # multiply by 1/λ: drop it.
-                        e = tree_scale(damp, g_rho)
-                        bound = self._tol("atol") * tree_norm(d).astype(damp.dtype)
-                        g_rho = _drop_below(g_rho, tree_norm(e), bound)
-                        bottom.append(tree_scale(-2 * damp * t_damp, g_rho))
+                    # e = λg_ρ is known to ~tol‖d‖ (the solve's accuracy); below that
+                    # it is rounding, whose null-space part K⁺ would multiply by 1/λ:
+                    # drop it.
+                    e = tree_scale(damp, g_rho)
+                    bound = self._tol("atol") * tree_norm(d).astype(damp.dtype)
+                    g_rho = _drop_below(g_rho, tree_norm(e), bound)
+                    bottom.append(tree_scale(-2 * damp * t_damp, g_rho))
                 if t_operator is not None:
                     q.append(self.drmv(t_operator, rho))
                 if t_operator is not None and not full_row:
@@ -424,7 +430,10 @@ class _Rules(eqx.Module):
             self._tol("btol") * norm_b
             + self._tol("atol") * self.stats["norm_A"] * self.stats["norm_x"]
         )
-        return _drop_below(r_perp, tree_norm(r_perp).astype(dtype), bound)
+        # The forward solve's own certificate (istop 1 or 4: that test, on its
+        # running estimate of ‖r‖, which may sit below the recomputed residual).
+        norm = jnp.where(compatible(self.stats["istop"]), 0, tree_norm(r_perp))
+        return _drop_below(r_perp, norm.astype(dtype), bound)
 
 
 def _drop_below(x, norm, bound):

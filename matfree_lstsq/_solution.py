@@ -111,6 +111,11 @@ def error_messages(solver_name: str, context: str = "") -> tuple[str, ...]:
     )
 
 
+def compatible(istop: Int[Array, ""]) -> Bool[Array, ""]:
+    """Whether `istop` certifies a compatible system (`‖r‖ ≤ btol‖b‖ + atol‖A‖‖x‖`)."""
+    return (istop == ISTOP_COMPATIBLE) | (istop == ISTOP_COMPATIBLE_EPS)
+
+
 def message_index(istop: Int[Array, ""]) -> Int[Array, ""]:
     conlim = (istop == ISTOP_CONLIM) | (istop == ISTOP_CONLIM_EPS)
     index = jnp.where(istop == ISTOP_MAX_STEPS, 1, 0)
